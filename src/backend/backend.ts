@@ -1,0 +1,66 @@
+import type { Tensor } from '../tensor/tensor.js';
+
+/**
+ * The compute operations the model needs, over row-major f32 activations. Weights are `Tensor`s in their file's
+ * dtype and are multiplied as they are (quantized blocks are never expanded to f32 in memory).
+ * `ref` (plain TypeScript) is the oracle; every other backend is tested against it.
+ */
+export interface Backend {
+  readonly name: string;
+
+  /** out[r, o] = sum_i x[r, i] * w[o, i] for r < rows; w has shape [outDim, inDim]. Semantics as llama.cpp's mul_mat. */
+  matmul(out: Float32Array, x: Float32Array, rows: number, w: Tensor): void;
+
+  /** out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, for `rows` rows of weight.length. */
+  rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void;
+
+  /**
+   * Rotary position embedding in place, GGUF/ggml convention (adjacent pairs (2i, 2i+1) rotate; HF q/k weights are
+   * permuted at load so this holds for every checkpoint). x is [rows, nHeads * headDim]; row r is at positions[r].
+   */
+  rope(x: Float32Array, rows: number, nHeads: number, headDim: number, positions: Int32Array, theta: number): void;
+
+  /**
+   * Causal grouped-query attention of `rows` new queries (at positions start..start+rows-1) over the cache, which
+   * already holds the keys/values of positions 0..start+rows-1. q: [rows, nHeads*hd]; kCache/vCache:
+   * [capacity, nKvHeads*hd]; out: [rows, nHeads*hd]. Key j is visible from query i iff j <= i and (no window or
+   * i - j < window).
+   */
+  attention(
+    out: Float32Array,
+    q: Float32Array,
+    rows: number,
+    start: number,
+    kCache: Float32Array,
+    vCache: Float32Array,
+    shape: AttentionShape,
+  ): void;
+
+  /**
+   * The sparse MoE feed-forward, dropless: for each row r and slot s < k, expert e = experts[r*k+s] with weight
+   * weights[r*k+s] contributes weight * down_e(silu(gate_e x) * up_e x). gate/up: [E, ffn, dim]; down: [E, dim, ffn].
+   * Rows are grouped by expert (one matmul per active expert over its rows), never token x expert loops over all
+   * experts. out: [rows, dim] (overwritten).
+   */
+  moeFFN(
+    out: Float32Array,
+    x: Float32Array,
+    rows: number,
+    experts: Int32Array,
+    weights: Float32Array,
+    k: number,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+  ): void;
+}
+
+export interface AttentionShape {
+  nHeads: number;
+  nKvHeads: number;
+  headDim: number;
+  scale: number; // 1/sqrt(headDim)
+  slidingWindow: number | null;
+  /** Round q and the softmax probabilities to f16 as llama.cpp does with an f16 KV cache. */
+  kvF16: boolean;
+}

@@ -1,0 +1,65 @@
+// The `moe` command line. Each command parses its flags, loads what it needs, and prints a clear error
+// (exit 1 for bad input files, 2 for usage) rather than a stack trace.
+
+import { FormatError } from '../formats/errors.js';
+import { ContextOverflowError } from '../model/types.js';
+import { UsageError } from './args.js';
+import { commands } from './commands.js';
+
+const USAGE = `moe — Mixture-of-Experts (Mixtral) engine in TypeScript
+
+Usage: moe <command> [options]       (<m> is a GGUF file or a Hugging Face checkpoint directory)
+
+  inspect <m>                              architecture, shapes, dtypes, parameter counts, tokenizer
+  generate --model <m> --prompt <text>     stream a continuation
+           [--chat] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]
+           [--repeat-penalty R] [--seed S] [--threads N] [--ctx N] [--json]
+  chat --model <m> [sampling options]      interactive chat (one user turn per stdin line when piped)
+  logits --model <m> --tokens <id,id,...>  raw logits, one row per input position (no BOS added)
+  tokenize --model <m> [--no-bos] [--jsonl]  tokenize stdin
+  convert <in> <out> [--type f32|f16|bf16|q8_0|q4_0]   HF directory <-> GGUF
+  start                                    chat with the default model (what \`npm start\` runs)
+`;
+
+async function main(argv: string[]): Promise<number> {
+  const [cmd, ...rest] = argv;
+  if (!cmd || cmd === '--help' || cmd === '-h' || cmd === 'help') {
+    process.stdout.write(USAGE);
+    return cmd ? 0 : 2;
+  }
+  const run = commands[cmd];
+  if (!run) {
+    process.stderr.write(`moe: unknown command '${cmd}'\n\n${USAGE}`);
+    return 2;
+  }
+  try {
+    await run(rest);
+    return 0;
+  } catch (e) {
+    if (e instanceof UsageError) {
+      process.stderr.write(`moe ${cmd}: ${e.message}\n(run 'moe --help' for usage)\n`);
+      return 2;
+    }
+    if (e instanceof FormatError || e instanceof ContextOverflowError) {
+      process.stderr.write(`moe ${cmd}: ${e.message}\n`);
+      return 1;
+    }
+    const err = e as NodeJS.ErrnoException;
+    if (err && (err.code === 'ENOENT' || err.code === 'EACCES' || err.code === 'EISDIR' || err.code === 'ENOTDIR')) {
+      process.stderr.write(`moe ${cmd}: ${err.message}\n`);
+      return 1;
+    }
+    if (err && err.code === 'EPIPE') return 0;
+    process.stderr.write(`moe ${cmd}: ${err?.message ?? String(e)}\n`);
+    if (process.env.MOE_DEBUG) process.stderr.write(`${err?.stack}\n`);
+    return 1;
+  }
+}
+
+process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+  if (e.code === 'EPIPE') process.exit(0);
+});
+
+main(process.argv.slice(2)).then((code) => {
+  process.exitCode = code;
+});

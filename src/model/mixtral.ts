@@ -1,0 +1,227 @@
+// The Mixtral forward pass. Module names mirror the Hugging Face checkpoint (model.layers.N.self_attn.q_proj ...),
+// as MLX-LM and transformers name them; tensors keep their file dtype. q/k rows are in GGUF (ggml) RoPE order: the
+// loader permutes Hugging Face checkpoints on the way in, so one RoPE convention serves both formats.
+
+import type { Backend } from '../backend/backend.js';
+import type { Tensor } from '../tensor/tensor.js';
+import { dequantizeRow } from '../tensor/quant.js';
+import { roundF16 } from '../tensor/f16.js';
+import type { MixtralConfig } from './config.js';
+import { ContextOverflowError, type InferenceSession, type RouterTrace } from './types.js';
+
+const fr = Math.fround;
+
+export interface MixtralAttention {
+  q_proj: Tensor; // [heads*hd, dim], rows in GGUF RoPE order
+  k_proj: Tensor; // [kvHeads*hd, dim], rows in GGUF RoPE order
+  v_proj: Tensor; // [kvHeads*hd, dim]
+  o_proj: Tensor; // [dim, heads*hd]
+}
+
+export interface MixtralSparseMoe {
+  /** Router, [E, dim]; null for a dense layer (one expert, always chosen with weight 1). */
+  gate: Tensor | null;
+  /** Stacked experts: w1 (gate) and w3 (up) [E, ffn, dim], w2 (down) [E, dim, ffn]. */
+  experts: { w1: Tensor; w2: Tensor; w3: Tensor };
+}
+
+export interface MixtralDecoderLayer {
+  input_layernorm: Float32Array;
+  self_attn: MixtralAttention;
+  post_attention_layernorm: Float32Array;
+  block_sparse_moe: MixtralSparseMoe;
+}
+
+export interface MixtralWeights {
+  embed_tokens: Tensor; // [vocab, dim]
+  layers: MixtralDecoderLayer[];
+  norm: Float32Array; // [dim]
+  lm_head: Tensor; // [vocab, dim]; the embedding itself when tied
+}
+
+export interface MixtralSessionOptions {
+  contextLength?: number;
+  /** Store K/V in f16 (llama.cpp's default) instead of f32. */
+  kvF16?: boolean;
+}
+
+/** One layer's KV cache, grown on demand up to the context length (so a 32k context costs nothing until used). */
+class LayerCache {
+  k = new Float32Array(0);
+  v = new Float32Array(0);
+  constructor(readonly rowSize: number) {}
+  ensure(rows: number): void {
+    if (this.k.length >= rows * this.rowSize) return;
+    const cap = Math.max(rows, 2 * (this.k.length / this.rowSize), 64);
+    const k = new Float32Array(cap * this.rowSize);
+    const v = new Float32Array(cap * this.rowSize);
+    k.set(this.k);
+    v.set(this.v);
+    this.k = k;
+    this.v = v;
+  }
+}
+
+export class MixtralModel {
+  constructor(
+    readonly config: MixtralConfig,
+    readonly weights: MixtralWeights,
+    readonly backend: Backend,
+  ) {}
+
+  newSession(opts: MixtralSessionOptions = {}): MixtralSession {
+    const ctx = opts.contextLength ?? this.config.maxPositionEmbeddings;
+    if (!(Number.isInteger(ctx) && ctx > 0)) throw new Error(`context length must be a positive integer, got ${ctx}`);
+    return new MixtralSession(this, ctx, opts.kvF16 ?? false);
+  }
+}
+
+export class MixtralSession implements InferenceSession {
+  private pos = 0;
+  private readonly caches: LayerCache[];
+
+  constructor(
+    readonly model: MixtralModel,
+    readonly contextLength: number,
+    readonly kvF16: boolean,
+  ) {
+    const c = model.config;
+    this.caches = c.numHiddenLayers > 0 ? Array.from({ length: c.numHiddenLayers }, () => new LayerCache(c.numKeyValueHeads * c.headDim)) : [];
+  }
+
+  get position(): number {
+    return this.pos;
+  }
+
+  truncate(position: number): void {
+    if (!(Number.isInteger(position) && position >= 0 && position <= this.pos)) throw new Error(`truncate: position ${position} outside 0..${this.pos}`);
+    this.pos = position;
+  }
+
+  forward(tokens: readonly number[], opts: { allLogits?: boolean; trace?: RouterTrace[] } = {}): Float32Array {
+    const { config: c, weights: w, backend: be } = this.model;
+    const n = tokens.length;
+    if (n === 0) throw new Error('forward: no tokens');
+    if (this.pos + n > this.contextLength) throw new ContextOverflowError(this.pos + n, this.contextLength);
+    for (const t of tokens) {
+      if (!(Number.isInteger(t) && t >= 0 && t < c.vocabSize)) throw new Error(`token id ${t} outside the vocabulary (0..${c.vocabSize - 1})`);
+    }
+    const dim = c.hiddenSize;
+    const hd = c.headDim;
+    const qDim = c.numAttentionHeads * hd;
+    const kvDim = c.numKeyValueHeads * hd;
+    const k = c.numExpertsPerTok;
+    const start = this.pos;
+    const positions = Int32Array.from({ length: n }, (_, i) => start + i);
+
+    // Token embedding (rows of the embedding matrix, dequantized as llama.cpp's get_rows does).
+    const x = new Float32Array(n * dim);
+    const embRowBytes = w.embed_tokens.data.length / c.vocabSize;
+    for (let i = 0; i < n; i++) dequantizeRow(w.embed_tokens.dtype, w.embed_tokens.data, tokens[i] * embRowBytes, dim, x, i * dim);
+
+    const xn = new Float32Array(n * dim);
+    const q = new Float32Array(n * qDim);
+    const kNew = new Float32Array(n * kvDim);
+    const vNew = new Float32Array(n * kvDim);
+    const attn = new Float32Array(n * qDim);
+    const proj = new Float32Array(n * dim);
+    const routerLogits = new Float32Array(n * c.numLocalExperts);
+    const chosen = new Int32Array(n * k);
+    const chosenW = new Float32Array(n * k);
+    if (opts.trace) for (let i = 0; i < n; i++) opts.trace.push({ experts: [], weights: [] });
+    const traceBase = opts.trace ? opts.trace.length - n : 0;
+
+    for (let l = 0; l < c.numHiddenLayers; l++) {
+      const layer = w.layers[l];
+      const cache = this.caches[l];
+
+      // Self-attention block.
+      be.rmsNorm(xn, x, n, layer.input_layernorm, c.rmsNormEps);
+      be.matmul(q, xn, n, layer.self_attn.q_proj);
+      be.matmul(kNew, xn, n, layer.self_attn.k_proj);
+      be.matmul(vNew, xn, n, layer.self_attn.v_proj);
+      be.rope(q, n, c.numAttentionHeads, hd, positions, c.ropeTheta);
+      be.rope(kNew, n, c.numKeyValueHeads, hd, positions, c.ropeTheta);
+      cache.ensure(start + n);
+      if (this.kvF16) {
+        for (let i = 0; i < n * kvDim; i++) {
+          kNew[i] = roundF16(kNew[i]);
+          vNew[i] = roundF16(vNew[i]);
+        }
+      }
+      cache.k.set(kNew, start * kvDim);
+      cache.v.set(vNew, start * kvDim);
+      be.attention(attn, q, n, start, cache.k, cache.v, {
+        nHeads: c.numAttentionHeads,
+        nKvHeads: c.numKeyValueHeads,
+        headDim: hd,
+        scale: fr(1 / Math.sqrt(hd)),
+        slidingWindow: c.slidingWindow,
+        kvF16: this.kvF16,
+      });
+      be.matmul(proj, attn, n, layer.self_attn.o_proj);
+      for (let i = 0; i < n * dim; i++) x[i] = fr(x[i] + proj[i]);
+
+      // Sparse MoE block: route, then the grouped expert FFN.
+      be.rmsNorm(xn, x, n, layer.post_attention_layernorm, c.rmsNormEps);
+      const moe = layer.block_sparse_moe;
+      if (moe.gate) {
+        be.matmul(routerLogits, xn, n, moe.gate);
+        route(routerLogits, n, c.numLocalExperts, k, chosen, chosenW);
+      } else {
+        chosen.fill(0);
+        chosenW.fill(1);
+      }
+      if (opts.trace) {
+        for (let i = 0; i < n; i++) {
+          opts.trace[traceBase + i].experts.push(Array.from(chosen.subarray(i * k, i * k + k)));
+          opts.trace[traceBase + i].weights.push(Array.from(chosenW.subarray(i * k, i * k + k)));
+        }
+      }
+      be.moeFFN(proj, xn, n, chosen, chosenW, k, moe.experts.w1, moe.experts.w3, moe.experts.w2);
+      for (let i = 0; i < n * dim; i++) x[i] = fr(x[i] + proj[i]);
+    }
+
+    // Final norm and output head, for the rows the caller wants.
+    const outRows = opts.allLogits ? n : 1;
+    const first = n - outRows;
+    const h = new Float32Array(outRows * dim);
+    be.rmsNorm(h, x.subarray(first * dim), outRows, w.norm, c.rmsNormEps);
+    const logits = new Float32Array(outRows * c.vocabSize);
+    be.matmul(logits, h, outRows, w.lm_head);
+    this.pos += n;
+    return logits;
+  }
+}
+
+/**
+ * Mixtral routing: softmax over all router logits, take the top k, renormalise their probabilities to sum to 1
+ * (llama.cpp's build_moe_ffn with norm_w, which clamps the sum away from 0). Ties go to the lower expert id.
+ */
+export function route(logits: Float32Array, rows: number, nExperts: number, k: number, experts: Int32Array, weights: Float32Array): void {
+  const probs = new Float32Array(nExperts);
+  for (let r = 0; r < rows; r++) {
+    const o = r * nExperts;
+    let max = -Infinity;
+    for (let e = 0; e < nExperts; e++) max = Math.max(max, logits[o + e]);
+    let sum = 0;
+    for (let e = 0; e < nExperts; e++) {
+      probs[e] = fr(Math.exp(logits[o + e] - max));
+      sum += probs[e];
+    }
+    const inv = fr(1 / sum);
+    for (let e = 0; e < nExperts; e++) probs[e] = fr(probs[e] * inv);
+    const taken = new Uint8Array(nExperts);
+    let wsum = 0;
+    for (let s = 0; s < k; s++) {
+      let best = -1;
+      for (let e = 0; e < nExperts; e++) if (!taken[e] && (best < 0 || probs[e] > probs[best])) best = e;
+      taken[best] = 1;
+      experts[r * k + s] = best;
+      weights[r * k + s] = probs[best];
+      wsum = fr(wsum + probs[best]);
+    }
+    wsum = Math.max(wsum, 6.103515625e-5);
+    for (let s = 0; s < k; s++) weights[r * k + s] = fr(weights[r * k + s] / wsum);
+  }
+}
