@@ -132,7 +132,7 @@ export class FakeModel implements LanguageModel {
   readonly sessions: FakeSession[] = [];
 
   constructor(
-    readonly tokenizer: FakeTokenizer,
+    readonly tokenizer: Tokenizer,
     private readonly next: NextLogits,
     contextLength = 64,
     readonly chatTemplate?: string,
@@ -170,6 +170,6 @@ export function oneHot(vocab: number, id: number): Float32Array {
 }
 
 /** A model that, after the prompt, emits `script` in order (then EOS forever): logits depend on how much was generated. */
-export function scriptedModel(tok: FakeTokenizer, promptLength: number, script: readonly number[], contextLength = 64): FakeModel {
+export function scriptedModel(tok: Tokenizer, promptLength: number, script: readonly number[], contextLength = 64): FakeModel {
   return new FakeModel(tok, (seen) => oneHot(tok.vocabSize, script[seen.length - promptLength] ?? tok.eosId), contextLength);
 }
