@@ -2,8 +2,9 @@
 // llama.expert_count / llama.expert_used_count; a file without expert keys is a dense Llama/Mistral model.
 
 import { FormatError } from './errors.js';
-import { getArray, getBool, getNumber, getString, getStringArray, GGUFWriter, type GGUFFile } from './gguf.js';
-import { TokenType, type VocabData } from '../tokenizer/sentencepiece.js';
+import { getNumber, getString, getStringArray, GGUFWriter, type GGUFFile } from './gguf.js';
+import { vocabFromGGUFMetadata } from '../tokenizer/sources.js';
+import type { VocabData } from '../tokenizer/sentencepiece.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { configProblems, type MixtralConfig } from '../model/config.js';
 import type { DType } from '../tensor/dtype.js';
@@ -90,34 +91,7 @@ export function writeMixtralMetadata(w: GGUFWriter, c: MixtralConfig, opts: { na
 
 /** The SentencePiece vocabulary embedded in a GGUF file (tokenizer.ggml.*), as llama.cpp reads it. */
 export function vocabFromGGUF(file: GGUFFile): VocabData {
-  const model = getString(file, 'tokenizer.ggml.model', { required: false });
-  if (model === undefined) throw new FormatError(file.path, 'no tokenizer in the file (tokenizer.ggml.model is missing)');
-  if (model !== 'llama') throw new FormatError(file.path, `tokenizer.ggml.model is '${model}'; moe-ts reads SentencePiece ('llama') vocabularies`);
-  const tokens = getStringArray(file, 'tokenizer.ggml.tokens');
-  const n = tokens.length;
-  const numbers = (key: string, itemType: 'float32' | 'int32', fill: number): readonly number[] => {
-    const a = getArray(file, key, { required: false });
-    if (a === undefined) return new Array<number>(n).fill(fill);
-    if (a.itemType !== itemType) throw new FormatError(file.path, `${key} must be an array of ${itemType}, got ${a.itemType}`);
-    if (a.items.length !== n) throw new FormatError(file.path, `${key} has ${a.items.length} entries but tokenizer.ggml.tokens has ${n}`);
-    return a.items as unknown as readonly number[];
-  };
-  const id = (key: string, def: number) => {
-    const v = getNumber(file, key, { required: false }) ?? def;
-    if (!(Number.isInteger(v) && v >= 0 && v < n)) throw new FormatError(file.path, `${key} = ${v} is outside the vocabulary [0, ${n})`);
-    return v;
-  };
-  return {
-    tokens,
-    scores: numbers('tokenizer.ggml.scores', 'float32', 0),
-    types: numbers('tokenizer.ggml.token_type', 'int32', TokenType.Normal),
-    bosId: id('tokenizer.ggml.bos_token_id', 1),
-    eosId: id('tokenizer.ggml.eos_token_id', 2),
-    unkId: id('tokenizer.ggml.unknown_token_id', 0),
-    addBos: getBool(file, 'tokenizer.ggml.add_bos_token', { required: false }) ?? true,
-    addEos: getBool(file, 'tokenizer.ggml.add_eos_token', { required: false }) ?? false,
-    addDummyPrefix: getBool(file, 'tokenizer.ggml.add_space_prefix', { required: false }) ?? true,
-  };
+  return vocabFromGGUFMetadata(file.metadata, file.path);
 }
 
 /** Writes a SentencePiece vocabulary (and optionally a chat template) as llama.cpp's converter does. */
