@@ -38,6 +38,8 @@ function samplingFrom(v: Values, defaultMax: number): GenerateOptions {
     minP: numArg('min-p', s('min-p'), 0.05, 0, 1),
     repetitionPenalty: numArg('repeat-penalty', s('repeat-penalty'), 1.0, 0),
   };
+  // top-p 0 would keep no token (the sampler refuses it): say so in the flag's terms.
+  if (o.topP === 0) throw new UsageError(`--top-p must be a number in (0, 1], got '${s('top-p')}'`);
   if (s('seed') !== undefined) o.seed = intArg('seed', s('seed'), 0, 0);
   if (s('ctx') !== undefined) o.contextLength = intArg('ctx', s('ctx'), 0, 1);
   return o;
@@ -141,8 +143,9 @@ const logits: Command = async (argv) => {
   const { values } = parseV(argv, { model: { type: 'string' }, tokens: { type: 'string' }, threads: { type: 'string' } });
   const raw = required('tokens', values.tokens as string | undefined);
   const ids = raw.split(',').map((s) => {
-    const n = Number(s.trim());
-    if (!Number.isInteger(n) || n < 0) throw new UsageError(`--tokens: '${s}' is not a token id`);
+    // Decimal digits only: Number() would read '' as 0 and '0x10' as 16.
+    const n = /^\s*\d+\s*$/.test(s) ? Number(s) : NaN;
+    if (!Number.isSafeInteger(n)) throw new UsageError(`--tokens: '${s}' is not a token id`);
     return n;
   });
   const m = load(values);
