@@ -110,7 +110,9 @@ before(() => {
   env = { ...process.env, MOE_CACHE_DIR: cache };
   delete env.MOE_DEBUG; // it turns on stack traces, which these tests check are absent
   firstStart = moe(['start']); // exactly what `npm start` runs
-  STAND_IN = path.join(cache, 'stand-in-mixtral-f32-v1.gguf');
+  const written = fs.readdirSync(cache).filter((f) => /^stand-in-mixtral-f32-[0-9a-f]{12}\.gguf$/.test(f));
+  assert.equal(written.length, 1, `one stand-in file in the cache, found ${fs.readdirSync(cache).join(', ')}`);
+  STAND_IN = path.join(cache, written[0]);
 });
 
 after(() => {

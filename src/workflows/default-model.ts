@@ -1,6 +1,7 @@
 // The model `npm start` runs. No trained model ships yet (training and instruction tuning are later issues), so
 // moe-ts writes a small seeded random Mixtral with the real Mistral v1 vocabulary once, caches it, and says so.
 
+import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -27,6 +28,8 @@ export const STAND_IN_CONFIG: MixtralConfig = {
   tieWordEmbeddings: false,
 };
 const STAND_IN_SEED = 20261128;
+/** Bump when randomMixtralTensors or the stand-in's shape changes, so a cached older file is not reused. */
+const STAND_IN_VERSION = 1;
 const STAND_IN_NAME = 'moe-ts stand-in (seeded random weights, untrained)';
 
 export function cacheDir(): string {
@@ -35,7 +38,8 @@ export function cacheDir(): string {
 
 /** Path of the default model (writing it on first use) and a line telling the user what it is. */
 export async function defaultModelPath(): Promise<{ path: string; note: string }> {
-  const file = path.join(cacheDir(), 'stand-in-mixtral-f32-v1.gguf');
+  const tag = createHash('sha256').update(JSON.stringify({ STAND_IN_CONFIG, STAND_IN_SEED, STAND_IN_VERSION })).digest('hex').slice(0, 12);
+  const file = path.join(cacheDir(), `stand-in-mixtral-f32-${tag}.gguf`);
   if (!fs.existsSync(file)) {
     fs.mkdirSync(path.dirname(file), { recursive: true });
     process.stderr.write(`moe: writing the stand-in model to ${file} (first run only) ...\n`);
