@@ -7,6 +7,8 @@ import { f32Tensor } from '../tensor/tensor.js';
 import type { DType } from '../tensor/dtype.js';
 import { quantizeTensor } from '../tensor/quant.js';
 import { Xoshiro128ss } from './sampling.js';
+import { TokenType, type VocabData } from '../tokenizer/sentencepiece.js';
+import { writeMixtralGGUF } from '../formats/gguf-config.js';
 
 /** Standard normal samples from a seeded generator (Box-Muller). */
 export class NormalRng {
@@ -54,7 +56,8 @@ export function randomMixtralTensors(c: MixtralConfig, seed: number, dtype: DTyp
     return dtype === 'f32' ? f : quantizeTensor(dtype, f);
   };
   const norm = () => f32Tensor(rng.fill(d, 0.1, 1), [d]);
-  t.set('token_embd.weight', mat([c.vocabSize, d], 1));
+  // A tied embedding is also the output head: give it the head's std (1/sqrt(d)) so logits stay O(1) there too.
+  t.set('token_embd.weight', mat([c.vocabSize, d], c.tieWordEmbeddings ? d : 1));
   for (let l = 0; l < c.numHiddenLayers; l++) {
     const b = `blk.${l}.`;
     t.set(`${b}attn_norm.weight`, norm());
@@ -78,4 +81,56 @@ export function randomMixtralTensors(c: MixtralConfig, seed: number, dtype: DTyp
   t.set('output_norm.weight', norm());
   if (!c.tieWordEmbeddings) t.set('output.weight', mat([c.vocabSize, d], d));
   return t;
+}
+
+/**
+ * A synthetic SentencePiece vocabulary of `size` pieces, laid out as the reference micro model's (and Mistral's) are:
+ * <unk>, <s>, </s>, the 256 byte pieces <0x00>..<0xFF>, then normal pieces "▁", "▁a", "a", ... "▁-", "-", and
+ * "▁tok0", "▁tok1", ... up to `size`. Scores: 0 for control and byte pieces, -(id - 259) for normal pieces (the
+ * Mistral convention: earlier pieces merge first). Types: 2 unknown, 3 control, 6 byte, 1 normal.
+ */
+export function syntheticVocab(size: number): VocabData {
+  const FIRST_NORMAL = 259; // 3 specials + 256 bytes
+  if (!Number.isInteger(size) || size < FIRST_NORMAL + 1) throw new RangeError(`syntheticVocab: size must be an integer >= ${FIRST_NORMAL + 1}, got ${size}`);
+  const tokens: string[] = ['<unk>', '<s>', '</s>'];
+  const types: number[] = [TokenType.Unknown, TokenType.Control, TokenType.Control];
+  for (let b = 0; b < 256; b++) {
+    tokens.push(`<0x${b.toString(16).toUpperCase().padStart(2, '0')}>`);
+    types.push(TokenType.Byte);
+  }
+  const chars = [
+    ...'abcdefghijklmnopqrstuvwxyz', ...'ABCDEFGHIJKLMNOPQRSTUVWXYZ', ...'0123456789', '.', ',', '!', '?', "'", '-',
+  ];
+  const normal = ['\u2581', ...chars.flatMap((ch) => [`\u2581${ch}`, ch])];
+  for (let i = 0; tokens.length < size; i++) {
+    tokens.push(i < normal.length ? normal[i] : `\u2581tok${i - normal.length}`);
+    types.push(TokenType.Normal);
+  }
+  const scores = new Float32Array(size);
+  for (let id = FIRST_NORMAL; id < size; id++) scores[id] = -(id - FIRST_NORMAL);
+  return { tokens, scores, types: Int32Array.from(types), bosId: 1, eosId: 2, unkId: 0, addBos: true, addEos: false };
+}
+
+export interface RandomModelOptions {
+  seed: number;
+  /** dtype of the big matrices (norms and router stay f32). Default f32. */
+  dtype?: DType;
+  /** Default: syntheticVocab(config.vocabSize). */
+  vocab?: VocabData;
+  /** general.name; default `random-<seed>`. */
+  name?: string;
+}
+
+/**
+ * Writes a whole seeded random Mixtral model as GGUF with the project's own writer: architecture keys, vocabulary and
+ * tensors (no output.weight when config.tieWordEmbeddings, so readers tie the head to token_embd, as llama.cpp does).
+ * Returns the tensors written.
+ */
+export function writeRandomMixtralGGUF(file: string, config: MixtralConfig, opts: RandomModelOptions): Map<string, Tensor> {
+  const dtype = opts.dtype ?? 'f32';
+  const vocab = opts.vocab ?? syntheticVocab(config.vocabSize);
+  if (vocab.tokens.length !== config.vocabSize) throw new RangeError(`writeRandomMixtralGGUF: vocabulary has ${vocab.tokens.length} pieces but config.vocabSize is ${config.vocabSize}`);
+  const tensors = randomMixtralTensors(config, opts.seed, dtype);
+  writeMixtralGGUF(file, { config, tensors, vocab, name: opts.name ?? `random-${opts.seed}`, dtype });
+  return tensors;
 }
