@@ -2,6 +2,7 @@
 // llama.cpp's GGUF of the same model records, transformers' defaults, round trip back to JSON, and bad configs.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { assertFormatError } from './helpers/assert-format-error.js';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -16,16 +17,6 @@ const fixture = (p: string): string => fileURLToPath(new URL(`../../test/fixture
 const HF_DIR = fixture('micro/hf');
 const refJson = (): Record<string, unknown> => JSON.parse(fs.readFileSync(path.join(HF_DIR, 'config.json'), 'utf8')) as Record<string, unknown>;
 
-function assertFormatError(fn: () => unknown, ...mentions: string[]): void {
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  assert.ok(err instanceof FormatError, `expected a FormatError, got ${err === undefined ? 'no error' : String(err)}`);
-  for (const m of mentions) assert.ok(err.message.includes(m), `message ${JSON.stringify(err.message)} lacks ${JSON.stringify(m)}`);
-}
 
 test('the micro config.json agrees with the GGUF llama.cpp runs for the same model', () => {
   const hf = readHFConfig(HF_DIR);

@@ -3,6 +3,8 @@
 // back; round trips through every layout; and the errors for checkpoints that do not fit the config.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { rng } from './gguf-helpers.js';
+import { assertFormatError } from './helpers/assert-format-error.js';
 import { fileURLToPath } from 'node:url';
 import {
   expectedShapes, ggufNameToHF, ggufTensorsToHF, hfNameToGGUF, hfTensorsToGGUF, permuteQKForGGUF, stackExperts,
@@ -20,16 +22,6 @@ const fixture = (p: string): string => fileURLToPath(new URL(`../../test/fixture
 const HF_DIR = fixture('micro/hf');
 const GGUF_F32 = fixture('micro/micro-f32.gguf');
 
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function randomTensor(r: () => number, dtype: DType, shape: number[]): Tensor {
   const data = new Uint8Array(tensorByteSize(dtype, shape));
@@ -49,16 +41,6 @@ function sameMaps(a: ReadonlyMap<string, Tensor>, b: ReadonlyMap<string, Tensor>
   for (const [n, t] of a) same(t, b.get(n)!, n);
 }
 
-function assertFormatError(fn: () => unknown, ...mentions: string[]): void {
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  assert.ok(err instanceof FormatError, `expected a FormatError, got ${err === undefined ? 'no error' : String(err)}`);
-  for (const m of mentions) assert.ok(err.message.includes(m), `message ${JSON.stringify(err.message)} lacks ${JSON.stringify(m)}`);
-}
 
 const micro = () => ({ hf: readCheckpointTensors(HF_DIR).tensors, config: readHFConfig(HF_DIR).config, gguf: readGGUF(GGUF_F32).tensors });
 

@@ -3,6 +3,7 @@
 // which must give FormatErrors and nothing else.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { assertFormatError } from './helpers/assert-format-error.js';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -35,20 +36,6 @@ function rawFile(header: string | object | Uint8Array, data: Uint8Array = new Ui
   return out;
 }
 
-function assertFormatError(fn: () => unknown, ...mentions: (string | RegExp)[]): FormatError {
-  let err: unknown;
-  try {
-    fn();
-  } catch (e) {
-    err = e;
-  }
-  assert.ok(err instanceof FormatError, `expected a FormatError, got ${err === undefined ? 'no error' : String(err)}`);
-  for (const m of mentions) {
-    if (typeof m === 'string') assert.ok(err.message.includes(m), `message ${JSON.stringify(err.message)} lacks ${JSON.stringify(m)}`);
-    else assert.match(err.message, m);
-  }
-  return err;
-}
 
 function sameTensors(a: ReadonlyMap<string, Tensor>, b: ReadonlyMap<string, Tensor>): void {
   assert.deepEqual([...a.keys()].sort(), [...b.keys()].sort());
