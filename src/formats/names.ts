@@ -240,7 +240,10 @@ export function checkTensorSet(
     if (!sameShape(t.shape, want)) wrong.push(`${name} is ${shapeString(t.shape)}, expected ${shapeString(want)}`);
     else if (t.data.length !== tensorByteSize(t.dtype, t.shape)) wrong.push(`${name} has ${t.data.length} data bytes, ${t.dtype} ${shapeString(t.shape)} needs ${tensorByteSize(t.dtype, t.shape)}`);
   }
-  if (wrong.length > 0) throw new FormatError(source, `tensor shapes contradict the config: ${wrong.join('; ')}`);
+  if (wrong.length > 0) {
+    const shown = wrong.slice(0, 3).join('; ');
+    throw new FormatError(source, `tensor shapes contradict the config: ${shown}${wrong.length > 3 ? `; ... (${wrong.length} tensors in all)` : ''}`);
+  }
 }
 
 function list(names: string[]): string {

@@ -10,9 +10,9 @@ import { readCheckpointTensors } from '../formats/safetensors.js';
 import { readHFTokenizer } from '../tokenizer/sources.js';
 import { SentencePieceTokenizer, VocabError, type VocabData } from '../tokenizer/sentencepiece.js';
 import type { Tensor } from '../tensor/tensor.js';
-import { shapeString, tensorByteSize } from '../tensor/tensor.js';
+import { shapeString } from '../tensor/tensor.js';
 import { dequantize } from '../tensor/quant.js';
-import { hfTensorsToGGUF, stackExperts } from '../formats/names.js';
+import { checkTensorSet, expectedShapes, hfTensorsToGGUF, stackExperts } from '../formats/names.js';
 import type { Backend } from '../backend/backend.js';
 import { RefBackend } from '../backend/ref.js';
 import { parameterCounts, type MixtralConfig } from './config.js';
@@ -21,67 +21,55 @@ import type { LanguageModel } from './types.js';
 
 /** Turns GGUF-named tensors (stacked experts, or the older one-tensor-per-expert layout) into the model's weights. */
 export function mixtralWeightsFromGGUFTensors(tensors: ReadonlyMap<string, Tensor>, c: MixtralConfig, file: string): MixtralWeights {
-  const used = new Set<string>();
-  const get = (name: string, shape: number[]): Tensor => {
-    const t = tensors.get(name);
-    if (!t) throw new FormatError(file, `missing tensor '${name}' (expected shape ${shapeString(shape)})`);
-    checkShape(file, name, t, shape);
-    used.add(name);
-    return t;
-  };
-  const vector = (name: string, len: number): Float32Array => dequantize(get(name, [len]));
-  const d = c.hiddenSize;
-  const hd = c.headDim;
+  const all = stackPerExpertTensors(tensors, c, file);
+  checkTensorSet(all, expectedShapes(c, 'gguf'), file);
+  const get = (name: string): Tensor => all.get(name)!;
   const E = c.numLocalExperts;
-  const ffn = c.intermediateSize;
-
-  const experts = (l: number, kind: 'gate' | 'up' | 'down', shape: number[]): Tensor => {
-    const stacked = `blk.${l}.ffn_${kind}_exps.weight`;
-    if (tensors.has(stacked)) return get(stacked, [E, ...shape]);
-    if (E === 1 && tensors.has(`blk.${l}.ffn_${kind}.weight`)) {
-      const t = get(`blk.${l}.ffn_${kind}.weight`, shape);
-      return { dtype: t.dtype, shape: [1, ...shape], data: t.data };
-    }
-    if (tensors.has(`blk.${l}.ffn_${kind}.0.weight`)) {
-      // Older llama.cpp files store experts one by one: stack them (a copy; only these legacy files pay it).
-      const parts = Array.from({ length: E }, (_, e) => get(`blk.${l}.ffn_${kind}.${e}.weight`, shape));
-      const dtypes = new Set(parts.map((p) => p.dtype));
-      if (dtypes.size > 1) throw new FormatError(file, `experts of blk.${l}.ffn_${kind} mix dtypes ${[...dtypes].join(', ')}`);
-      return stackExperts(parts);
-    }
-    throw new FormatError(file, `missing tensor '${stacked}' (expected shape ${shapeString([E, ...shape])})`);
+  // A dense model's single FFN is expert 0 of a one-expert stack (same bytes, one more dimension).
+  const experts = (l: number, kind: 'gate' | 'up' | 'down'): Tensor => {
+    if (E > 1) return get(`blk.${l}.ffn_${kind}_exps.weight`);
+    const t = get(`blk.${l}.ffn_${kind}.weight`);
+    return { dtype: t.dtype, shape: [1, ...t.shape], data: t.data };
   };
-
   const layers: MixtralDecoderLayer[] = [];
   for (let l = 0; l < c.numHiddenLayers; l++) {
     const b = `blk.${l}.`;
     layers.push({
-      input_layernorm: vector(`${b}attn_norm.weight`, d),
+      input_layernorm: dequantize(get(`${b}attn_norm.weight`)),
       self_attn: {
-        q_proj: get(`${b}attn_q.weight`, [c.numAttentionHeads * hd, d]),
-        k_proj: get(`${b}attn_k.weight`, [c.numKeyValueHeads * hd, d]),
-        v_proj: get(`${b}attn_v.weight`, [c.numKeyValueHeads * hd, d]),
-        o_proj: get(`${b}attn_output.weight`, [d, c.numAttentionHeads * hd]),
+        q_proj: get(`${b}attn_q.weight`),
+        k_proj: get(`${b}attn_k.weight`),
+        v_proj: get(`${b}attn_v.weight`),
+        o_proj: get(`${b}attn_output.weight`),
       },
-      post_attention_layernorm: vector(`${b}ffn_norm.weight`, d),
+      post_attention_layernorm: dequantize(get(`${b}ffn_norm.weight`)),
       block_sparse_moe: {
-        gate: E > 1 ? get(`${b}ffn_gate_inp.weight`, [E, d]) : null,
-        experts: { w1: experts(l, 'gate', [ffn, d]), w3: experts(l, 'up', [ffn, d]), w2: experts(l, 'down', [d, ffn]) },
+        gate: E > 1 ? get(`${b}ffn_gate_inp.weight`) : null,
+        experts: { w1: experts(l, 'gate'), w3: experts(l, 'up'), w2: experts(l, 'down') },
       },
     });
   }
-  const embed = get('token_embd.weight', [c.vocabSize, d]);
-  const head = tensors.has('output.weight') ? get('output.weight', [c.vocabSize, d]) : embed;
-  const norm = vector('output_norm.weight', d);
-  const unused = [...tensors.keys()].filter((n) => !used.has(n) && !n.startsWith('rope_freqs'));
-  if (unused.length) throw new FormatError(file, `tensors that a Mixtral model does not have: ${unused.slice(0, 8).join(', ')}${unused.length > 8 ? ` and ${unused.length - 8} more` : ''}`);
-  return { embed_tokens: embed, layers, norm, lm_head: head };
+  const embed = get('token_embd.weight');
+  return { embed_tokens: embed, layers, norm: dequantize(get('output_norm.weight')), lm_head: c.tieWordEmbeddings ? embed : get('output.weight') };
 }
 
-function checkShape(file: string, name: string, t: Tensor, shape: number[]): void {
-  if (t.shape.length !== shape.length || t.shape.some((v, i) => v !== shape[i])) {
-    throw new FormatError(file, `tensor '${name}' has shape ${shapeString(t.shape)} but the config implies ${shapeString(shape)}`);
+/** Older llama.cpp files store experts one by one (blk.N.ffn_gate.E.weight): stack them (a copy only these files pay). */
+function stackPerExpertTensors(tensors: ReadonlyMap<string, Tensor>, c: MixtralConfig, file: string): ReadonlyMap<string, Tensor> {
+  if (c.numLocalExperts < 2 || !tensors.has('blk.0.ffn_gate.0.weight')) return tensors;
+  const out = new Map(tensors);
+  for (let l = 0; l < c.numHiddenLayers; l++) {
+    for (const kind of ['gate', 'up', 'down']) {
+      const names = Array.from({ length: c.numLocalExperts }, (_, e) => `blk.${l}.ffn_${kind}.${e}.weight`);
+      const missing = names.filter((n) => !tensors.has(n));
+      if (missing.length) throw new FormatError(file, `missing tensors: ${missing.join(', ')}`);
+      const parts = names.map((n) => tensors.get(n)!);
+      const shapes = new Set(parts.map((p) => `${p.dtype} ${shapeString(p.shape)}`));
+      if (shapes.size > 1) throw new FormatError(file, `experts of blk.${l}.ffn_${kind} differ in type or shape: ${[...shapes].join(' / ')}`);
+      names.forEach((n) => out.delete(n));
+      out.set(`blk.${l}.ffn_${kind}_exps.weight`, stackExperts(parts));
+    }
   }
+  return out;
 }
 
 export interface LoadOptions {
