@@ -99,99 +99,171 @@ export class MixtralSession implements InferenceSession {
   }
 
   forward(tokens: readonly number[], opts: { allLogits?: boolean; trace?: RouterTrace[] } = {}): Float32Array {
-    const { config: c, weights: w, backend: be } = this.model;
-    const n = tokens.length;
+    return forwardBatch(this.model, [{ session: this, tokens, ...opts }])[0];
+  }
+
+  /** Advances the cached length after a forward pass (forwardBatch's bookkeeping). */
+  advance(n: number): void {
+    this.pos += n;
+  }
+
+  /** Layer l's KV cache, grown to hold `rows` positions. */
+  cache(l: number, rows: number): LayerCache {
+    this.caches[l].ensure(rows);
+    return this.caches[l];
+  }
+}
+
+/** One sequence's part of a batched forward pass. */
+export interface BatchItem {
+  session: MixtralSession;
+  tokens: readonly number[];
+  /** Logits for every token of this item (else the last only). */
+  allLogits?: boolean;
+  /** Receives the router's choices for each token. */
+  trace?: RouterTrace[];
+}
+
+/**
+ * Runs several sequences through the model in one pass: their tokens are stacked as rows, so every matmul (and the
+ * grouped expert GEMM, where tokens of different sequences share expert weight reads) runs once over all of them;
+ * only attention is per sequence, over its own KV cache. Returns each item's logits as Session.forward does.
+ * All checks happen before any state changes, so a bad item leaves every session as it was.
+ */
+export function forwardBatch(model: MixtralModel, items: readonly BatchItem[]): Float32Array[] {
+  const { config: c, weights: w, backend: be } = model;
+  if (items.length === 0) return [];
+  const seen = new Set<MixtralSession>();
+  for (const it of items) {
+    const n = it.tokens.length;
     if (n === 0) throw new Error('forward: no tokens');
-    if (this.pos + n > this.contextLength) throw new ContextOverflowError(this.pos + n, this.contextLength);
-    for (const t of tokens) {
+    if (it.session.model !== model) throw new Error('forward: a session of another model');
+    if (seen.has(it.session)) throw new Error('forward: the same session twice in one batch');
+    seen.add(it.session);
+    if (it.session.position + n > it.session.contextLength) throw new ContextOverflowError(it.session.position + n, it.session.contextLength);
+    for (const t of it.tokens) {
       if (!(Number.isInteger(t) && t >= 0 && t < c.vocabSize)) throw new Error(`token id ${t} outside the vocabulary (0..${c.vocabSize - 1})`);
     }
-    const dim = c.hiddenSize;
-    const hd = c.headDim;
-    const qDim = c.numAttentionHeads * hd;
-    const kvDim = c.numKeyValueHeads * hd;
-    const k = c.numExpertsPerTok;
-    const start = this.pos;
-    const positions = Int32Array.from({ length: n }, (_, i) => start + i);
+  }
+  const dim = c.hiddenSize;
+  const hd = c.headDim;
+  const qDim = c.numAttentionHeads * hd;
+  const kvDim = c.numKeyValueHeads * hd;
+  const k = c.numExpertsPerTok;
+  const rowStart: number[] = [];
+  let n = 0;
+  for (const it of items) {
+    rowStart.push(n);
+    n += it.tokens.length;
+  }
+  const positions = new Int32Array(n);
+  items.forEach((it, b) => {
+    for (let i = 0; i < it.tokens.length; i++) positions[rowStart[b] + i] = it.session.position + i;
+  });
 
-    // Token embedding (rows of the embedding matrix, dequantized as llama.cpp's get_rows does).
-    const x = new Float32Array(n * dim);
-    const embRowBytes = w.embed_tokens.data.length / c.vocabSize;
-    for (let i = 0; i < n; i++) dequantizeRow(w.embed_tokens.dtype, w.embed_tokens.data, tokens[i] * embRowBytes, dim, x, i * dim);
+  // Token embedding (rows of the embedding matrix, dequantized as llama.cpp's get_rows does).
+  const x = new Float32Array(n * dim);
+  const embRowBytes = w.embed_tokens.data.length / c.vocabSize;
+  items.forEach((it, b) => {
+    it.tokens.forEach((t, i) => dequantizeRow(w.embed_tokens.dtype, w.embed_tokens.data, t * embRowBytes, dim, x, (rowStart[b] + i) * dim));
+  });
 
-    const xn = new Float32Array(n * dim);
-    const q = new Float32Array(n * qDim);
-    const kNew = new Float32Array(n * kvDim);
-    const vNew = new Float32Array(n * kvDim);
-    const attn = new Float32Array(n * qDim);
-    const proj = new Float32Array(n * dim);
-    const routerLogits = new Float32Array(n * c.numLocalExperts);
-    const chosen = new Int32Array(n * k);
-    const chosenW = new Float32Array(n * k);
-    if (opts.trace) for (let i = 0; i < n; i++) opts.trace.push({ experts: [], weights: [] });
-    const traceBase = opts.trace ? opts.trace.length - n : 0;
+  const xn = new Float32Array(n * dim);
+  const q = new Float32Array(n * qDim);
+  const kNew = new Float32Array(n * kvDim);
+  const vNew = new Float32Array(n * kvDim);
+  const attn = new Float32Array(n * qDim);
+  const proj = new Float32Array(n * dim);
+  const routerLogits = new Float32Array(n * c.numLocalExperts);
+  const chosen = new Int32Array(n * k);
+  const chosenW = new Float32Array(n * k);
+  const traceBase = items.map((it) => {
+    if (!it.trace) return 0;
+    for (let i = 0; i < it.tokens.length; i++) it.trace.push({ experts: [], weights: [] });
+    return it.trace.length - it.tokens.length;
+  });
 
-    for (let l = 0; l < c.numHiddenLayers; l++) {
-      const layer = w.layers[l];
-      const cache = this.caches[l];
+  for (let l = 0; l < c.numHiddenLayers; l++) {
+    const layer = w.layers[l];
 
-      // Self-attention block.
-      be.rmsNorm(xn, x, n, layer.input_layernorm, c.rmsNormEps);
-      be.matmul(q, xn, n, layer.self_attn.q_proj);
-      be.matmul(kNew, xn, n, layer.self_attn.k_proj);
-      be.matmul(vNew, xn, n, layer.self_attn.v_proj);
-      be.rope(q, n, c.numAttentionHeads, hd, positions, c.ropeTheta);
-      be.rope(kNew, n, c.numKeyValueHeads, hd, positions, c.ropeTheta);
-      cache.ensure(start + n);
-      if (this.kvF16) {
-        for (let i = 0; i < n * kvDim; i++) {
-          kNew[i] = roundF16(kNew[i]);
-          vNew[i] = roundF16(vNew[i]);
+    // Self-attention block: projections over all rows, attention per sequence.
+    be.rmsNorm(xn, x, n, layer.input_layernorm, c.rmsNormEps);
+    be.matmul(q, xn, n, layer.self_attn.q_proj);
+    be.matmul(kNew, xn, n, layer.self_attn.k_proj);
+    be.matmul(vNew, xn, n, layer.self_attn.v_proj);
+    be.rope(q, n, c.numAttentionHeads, hd, positions, c.ropeTheta);
+    be.rope(kNew, n, c.numKeyValueHeads, hd, positions, c.ropeTheta);
+    items.forEach((it, b) => {
+      const s = it.session;
+      const m = it.tokens.length;
+      const r0 = rowStart[b];
+      const start = s.position;
+      const cache = s.cache(l, start + m);
+      const kRows = kNew.subarray(r0 * kvDim, (r0 + m) * kvDim);
+      const vRows = vNew.subarray(r0 * kvDim, (r0 + m) * kvDim);
+      if (s.kvF16) {
+        for (let i = 0; i < m * kvDim; i++) {
+          kRows[i] = roundF16(kRows[i]);
+          vRows[i] = roundF16(vRows[i]);
         }
       }
-      cache.k.set(kNew, start * kvDim);
-      cache.v.set(vNew, start * kvDim);
-      be.attention(attn, q, n, start, cache.k, cache.v, {
+      cache.k.set(kRows, start * kvDim);
+      cache.v.set(vRows, start * kvDim);
+      be.attention(attn.subarray(r0 * qDim, (r0 + m) * qDim), q.subarray(r0 * qDim, (r0 + m) * qDim), m, start, cache.k, cache.v, {
         nHeads: c.numAttentionHeads,
         nKvHeads: c.numKeyValueHeads,
         headDim: hd,
         scale: fr(1 / Math.sqrt(hd)),
         slidingWindow: c.slidingWindow,
-        kvF16: this.kvF16,
+        kvF16: s.kvF16,
       });
-      be.matmul(proj, attn, n, layer.self_attn.o_proj);
-      for (let i = 0; i < n * dim; i++) x[i] = fr(x[i] + proj[i]);
+    });
+    be.matmul(proj, attn, n, layer.self_attn.o_proj);
+    for (let i = 0; i < n * dim; i++) x[i] = fr(x[i] + proj[i]);
 
-      // Sparse MoE block: route, then the grouped expert FFN.
-      be.rmsNorm(xn, x, n, layer.post_attention_layernorm, c.rmsNormEps);
-      const moe = layer.block_sparse_moe;
-      if (moe.gate) {
-        be.matmul(routerLogits, xn, n, moe.gate);
-        route(routerLogits, n, c.numLocalExperts, k, chosen, chosenW);
-      } else {
-        chosen.fill(0);
-        chosenW.fill(1);
-      }
-      if (opts.trace) {
-        for (let i = 0; i < n; i++) {
-          opts.trace[traceBase + i].experts.push(Array.from(chosen.subarray(i * k, i * k + k)));
-          opts.trace[traceBase + i].weights.push(Array.from(chosenW.subarray(i * k, i * k + k)));
-        }
-      }
-      be.moeFFN(proj, xn, n, chosen, chosenW, k, moe.experts.w1, moe.experts.w3, moe.experts.w2);
-      for (let i = 0; i < n * dim; i++) x[i] = fr(x[i] + proj[i]);
+    // Sparse MoE block: route, then the grouped expert FFN over the tokens of every sequence.
+    be.rmsNorm(xn, x, n, layer.post_attention_layernorm, c.rmsNormEps);
+    const moe = layer.block_sparse_moe;
+    if (moe.gate) {
+      be.matmul(routerLogits, xn, n, moe.gate);
+      route(routerLogits, n, c.numLocalExperts, k, chosen, chosenW);
+    } else {
+      chosen.fill(0);
+      chosenW.fill(1);
     }
-
-    // Final norm and output head, for the rows the caller wants.
-    const outRows = opts.allLogits ? n : 1;
-    const first = n - outRows;
-    const h = new Float32Array(outRows * dim);
-    be.rmsNorm(h, x.subarray(first * dim), outRows, w.norm, c.rmsNormEps);
-    const logits = new Float32Array(outRows * c.vocabSize);
-    be.matmul(logits, h, outRows, w.lm_head);
-    this.pos += n;
-    return logits;
+    items.forEach((it, b) => {
+      if (!it.trace) return;
+      for (let i = 0; i < it.tokens.length; i++) {
+        const r = rowStart[b] + i;
+        it.trace[traceBase[b] + i].experts.push(Array.from(chosen.subarray(r * k, r * k + k)));
+        it.trace[traceBase[b] + i].weights.push(Array.from(chosenW.subarray(r * k, r * k + k)));
+      }
+    });
+    be.moeFFN(proj, xn, n, chosen, chosenW, k, moe.experts.w1, moe.experts.w3, moe.experts.w2);
+    for (let i = 0; i < n * dim; i++) x[i] = fr(x[i] + proj[i]);
   }
+
+  // Final norm and output head, for the rows each item wants.
+  const outRows: number[] = [];
+  items.forEach((it, b) => {
+    const m = it.tokens.length;
+    for (let i = it.allLogits ? 0 : m - 1; i < m; i++) outRows.push(rowStart[b] + i);
+  });
+  const last = new Float32Array(outRows.length * dim);
+  outRows.forEach((r, i) => last.set(x.subarray(r * dim, (r + 1) * dim), i * dim));
+  const h = new Float32Array(outRows.length * dim);
+  be.rmsNorm(h, last, outRows.length, w.norm, c.rmsNormEps);
+  const logits = new Float32Array(outRows.length * c.vocabSize);
+  be.matmul(logits, h, outRows.length, w.lm_head);
+  const result: Float32Array[] = [];
+  let o = 0;
+  for (const it of items) {
+    const rows = it.allLogits ? it.tokens.length : 1;
+    result.push(logits.slice(o * c.vocabSize, (o + rows) * c.vocabSize));
+    o += rows;
+    it.session.advance(it.tokens.length);
+  }
+  return result;
 }
 
 /**
