@@ -82,23 +82,13 @@ export async function* generateStream(model: LanguageModel, promptIds: readonly 
   const needed = session.position + promptIds.length;
   if (needed > ctx) throw new ContextOverflowError(needed, ctx);
 
-  const history = promptIds.slice();
-  const tokens: number[] = [];
-  const text = new TextStream(tok, promptIds);
-  const stopper = new StopMatcher(stops);
-  let emitted = '';
-  let finishReason: FinishReason = 'length';
+  const decoder = new SequenceDecoder(tok, promptIds, sampler, { maxTokens, stops, ignoreEos: opts.ignoreEos ?? false, contextLength: ctx });
   let prefillMs = 0;
   let decodeMs = 0;
   let decodeCalls = 0;
 
   const result = (): GenerationResult => ({
-    text: emitted,
-    tokens,
-    promptTokens: promptIds.length,
-    finishReason,
-    ...(stopper.matched !== undefined ? { stopString: stopper.matched } : {}),
-    seed: sampler.seed,
+    ...decoder.result(),
     prefillMs,
     decodeMs,
     prefillTokensPerSecond: rate(promptIds.length, prefillMs),
@@ -106,47 +96,102 @@ export async function* generateStream(model: LanguageModel, promptIds: readonly 
   });
 
   if (opts.signal?.aborted) {
-    finishReason = 'abort';
+    decoder.finish('abort');
     return result();
   }
   let t0 = performance.now();
   let logits = session.forward(promptIds);
   prefillMs = performance.now() - t0;
+  // A prompt that fills the context leaves no room to generate.
+  if (session.position >= ctx) decoder.finish('length');
 
-  // The prompt and every generated token must fit the context; a prompt that fills it leaves no room to generate.
-  while (tokens.length < maxTokens && session.position < ctx) {
-    const token = sampler.sample(logits, history);
-    tokens.push(token);
-    history.push(token);
-    const isEos = token === tok.eosId && !opts.ignoreEos;
-    // Room to run this token and sample another? The context must hold the prompt and everything generated.
-    const full = session.position + 1 >= ctx;
-    const last = isEos || tokens.length >= maxTokens || full;
-
-    let piece = isEos ? '' : text.push(token);
-    if (last) piece += text.flush();
-    let out = stopper.push(piece);
-    if (stopper.matched !== undefined) finishReason = 'stop';
-    else if (last) {
-      out += stopper.flush();
-      finishReason = isEos ? 'eos' : 'length';
-    }
-    emitted += out;
-    yield { token, text: out };
-    if (stopper.matched !== undefined || last) break;
-
+  while (!decoder.done) {
+    const event = decoder.step(logits, session.position);
+    yield event;
+    if (decoder.done) break;
     // Let timers and I/O (an abort, a closed connection) run between tokens.
     await new Promise<void>((resolve) => setImmediate(resolve));
     if (opts.signal?.aborted) {
-      finishReason = 'abort';
+      decoder.finish('abort');
       break;
     }
     t0 = performance.now();
-    logits = session.forward([token]);
+    logits = session.forward([event.token]);
     decodeMs += performance.now() - t0;
     decodeCalls++;
   }
   return result();
+}
+
+/**
+ * The per-sequence half of generation, apart from the forward pass: samples each next token from the logits it is
+ * given, turns tokens into UTF-8-safe text, finds stop strings, and decides when the sequence ends. generateStream
+ * drives one with session.forward; the server drives many with one batched forward pass per step.
+ */
+export class SequenceDecoder {
+  readonly tokens: number[] = [];
+  finishReason: FinishReason | undefined;
+  private readonly history: number[];
+  private readonly text: TextStream;
+  private readonly stopper: StopMatcher;
+  private emitted = '';
+
+  constructor(
+    private readonly tok: Tokenizer,
+    private readonly promptIds: readonly number[],
+    readonly sampler: Sampler,
+    private readonly opts: { maxTokens: number; stops: readonly string[]; ignoreEos: boolean; contextLength: number },
+  ) {
+    this.history = promptIds.slice();
+    this.text = new TextStream(tok, promptIds);
+    this.stopper = new StopMatcher(opts.stops.filter((s) => s.length > 0));
+    if (opts.maxTokens <= 0) this.finishReason = 'length';
+  }
+
+  get done(): boolean {
+    return this.finishReason !== undefined;
+  }
+
+  /**
+   * Samples the next token from `logits` (the model's prediction after `position` cached tokens) and returns it
+   * with the text it releases. Ends the sequence on EOS, a stop string, maxTokens, or a full context (the prompt and
+   * every generated token must fit; the last sampled token is never run, so it needs no room).
+   */
+  step(logits: Float32Array, position: number): TokenEvent {
+    if (this.done) throw new Error('SequenceDecoder.step: the sequence has ended');
+    const token = this.sampler.sample(logits, this.history);
+    this.tokens.push(token);
+    this.history.push(token);
+    const isEos = token === this.tok.eosId && !this.opts.ignoreEos;
+    const full = position + 1 >= this.opts.contextLength;
+    const last = isEos || this.tokens.length >= this.opts.maxTokens || full;
+    let piece = isEos ? '' : this.text.push(token);
+    if (last) piece += this.text.flush();
+    let out = this.stopper.push(piece);
+    if (this.stopper.matched !== undefined) this.finishReason = 'stop';
+    else if (last) {
+      out += this.stopper.flush();
+      this.finishReason = isEos ? 'eos' : 'length';
+    }
+    this.emitted += out;
+    return { token, text: out };
+  }
+
+  /** Ends the sequence early: 'abort' for a cancelled request, 'length' when no room is left. */
+  finish(reason: FinishReason): void {
+    this.finishReason ??= reason;
+  }
+
+  result(): Pick<GenerationResult, 'text' | 'tokens' | 'promptTokens' | 'finishReason' | 'stopString' | 'seed'> {
+    return {
+      text: this.emitted,
+      tokens: this.tokens,
+      promptTokens: this.promptIds.length,
+      finishReason: this.finishReason ?? 'length',
+      ...(this.stopper.matched !== undefined ? { stopString: this.stopper.matched } : {}),
+      seed: this.sampler.seed,
+    };
+  }
 }
 
 /** Runs generateStream to the end, handing each non-empty piece of text to onText. */
