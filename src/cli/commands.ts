@@ -10,6 +10,7 @@ import { generate, encodeChatPrompt, type GenerateOptions } from '../workflows/g
 import type { ChatMessage } from '../workflows/chat-template.js';
 import { convertCommand } from '../workflows/convert.js';
 import { defaultModelPath } from '../workflows/default-model.js';
+import { DEFAULT_SERVER_OPTIONS, startServer } from '../server/http.js';
 
 type Command = (argv: string[]) => Promise<void>;
 type Values = Record<string, string | boolean | undefined>;
@@ -212,7 +213,37 @@ const start: Command = async (argv) => {
   await chatLoop(m, samplingFrom(values, 64));
 };
 
+const serve: Command = async (argv) => {
+  const { values } = parseV(argv, {
+    model: { type: 'string' }, host: { type: 'string' }, port: { type: 'string' }, 'api-key': { type: 'string' },
+    parallel: { type: 'string' }, 'max-queue': { type: 'string' }, threads: { type: 'string' }, ctx: { type: 'string' },
+  });
+  const d = DEFAULT_SERVER_OPTIONS;
+  const apiKey = (values['api-key'] as string | undefined) ?? process.env.MOE_API_KEY;
+  const s = await startServer({
+    ...d,
+    modelPath: required('model', values.model as string | undefined),
+    host: (values.host as string | undefined) ?? d.host,
+    port: intArg('port', values.port as string | undefined, d.port, 0),
+    parallel: intArg('parallel', values.parallel as string | undefined, d.parallel, 1),
+    maxQueue: intArg('max-queue', values['max-queue'] as string | undefined, d.maxQueue, 0),
+    threads: intArg('threads', values.threads as string | undefined, 0, 0),
+    ...(values.ctx !== undefined ? { contextLength: intArg('ctx', values.ctx as string | undefined, 0, 2) } : {}),
+    ...(apiKey ? { apiKey } : {}),
+  });
+  process.stderr.write(`moe serve: ${values.model} on ${s.url} (OpenAI API at ${s.url}/v1, playground at ${s.url}/)${apiKey ? ', API key required' : ''}\n`);
+  await new Promise<void>((resolve) => {
+    const stop = () => {
+      process.stderr.write('moe serve: shutting down\n');
+      s.close().then(resolve);
+    };
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+  });
+};
+
 export const commands: Record<string, Command> = {
+  serve,
   inspect,
   generate: generateCmd,
   chat,
