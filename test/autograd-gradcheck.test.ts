@@ -5,7 +5,7 @@
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { Var } from '../src/autograd/tape.js';
-import { Rng } from '../src/autograd/rng.js';
+import { Rng } from '../src/util/rng.js';
 import { gradcheck, type GradcheckReport } from '../src/autograd/gradcheck.js';
 import * as ops from '../src/autograd/ops.js';
 import * as moe from '../src/autograd/moe.js';

@@ -17,7 +17,7 @@ import { expectedShapes, hfTensorsToGGUF } from '../src/formats/names.js';
 import { readCheckpointTensors } from '../src/formats/safetensors.js';
 import { readHFConfig } from '../src/formats/hf-config.js';
 import { RefBackend } from '../src/backend/ref.js';
-import { Rng } from '../src/autograd/rng.js';
+import { Rng } from '../src/util/rng.js';
 import { Var } from '../src/autograd/tape.js';
 import * as moe from '../src/autograd/moe.js';
 import { f32Tensor } from '../src/tensor/tensor.js';

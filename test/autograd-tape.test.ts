@@ -4,7 +4,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { isGradEnabled, noGrad, record, gradOf, Var } from '../src/autograd/tape.js';
-import { Rng } from '../src/autograd/rng.js';
+import { Rng } from '../src/util/rng.js';
 import { gradcheck } from '../src/autograd/gradcheck.js';
 import { gradKernels, refKernels, setGradKernels, type GradKernels } from '../src/autograd/kernels.js';
 import * as ops from '../src/autograd/ops.js';

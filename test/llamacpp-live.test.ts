@@ -15,7 +15,7 @@ import { loadModel } from '../src/model/load.js';
 import type { MixtralConfig } from '../src/model/config.js';
 import type { DType } from '../src/tensor/dtype.js';
 import { writeRandomMixtralGGUF } from '../src/workflows/random-model.js';
-import { Xoshiro128ss } from '../src/workflows/sampling.js';
+import { Rng } from '../src/util/rng.js';
 
 const VOCAB = 512;
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'moe-live-'));
@@ -81,7 +81,7 @@ const LENGTHS = [128, 101];
 const CHUNKS = [37, 1, 1, 62];
 
 function sequences(seed: number): number[][] {
-  const rng = new Xoshiro128ss(1000 + seed);
+  const rng = new Rng(1000 + seed);
   // BOS, then ordinary pieces (ids 3.. : no control tokens mid-sequence).
   return LENGTHS.map((n) => [1, ...Array.from({ length: n - 1 }, () => 3 + Math.floor(rng.nextFloat() * (VOCAB - 3)))]);
 }

@@ -11,8 +11,8 @@ import { RefBackend } from '../src/backend/ref.js';
 import { MixtralModel } from '../src/model/mixtral.js';
 import { mixtralWeightsFromGGUFTensors } from '../src/model/load.js';
 import type { MixtralConfig } from '../src/model/config.js';
-import { NormalRng, randomMixtralTensors } from '../src/workflows/random-model.js';
-import { Xoshiro128ss } from '../src/workflows/sampling.js';
+import { randomMixtralTensors } from '../src/workflows/random-model.js';
+import { Rng } from '../src/util/rng.js';
 
 /** Attention for query rows at absolute positions start..start+rows-1, in float64, keys j with i - j < window. */
 function directAttention(q: Float32Array, rows: number, start: number, k: Float32Array, v: Float32Array,
@@ -43,7 +43,7 @@ function directAttention(q: Float32Array, rows: number, start: number, k: Float3
 
 test('ref attention with a sliding window equals attention restricted to keys j with i - j < window', () => {
   const be = new RefBackend();
-  const rng = new NormalRng(5);
+  const rng = new Rng(5);
   const hd = 16;
   for (const [nHeads, nKv] of [[4, 1], [4, 2], [2, 2]] as const) {
     for (const window of [1, 3, 8, 40, null]) {
@@ -82,7 +82,7 @@ function model(c: MixtralConfig, seed: number): MixtralModel {
 }
 
 const tokens = (n: number, seed: number, vocab: number): number[] => {
-  const r = new Xoshiro128ss(seed);
+  const r = new Rng(seed);
   return Array.from({ length: n }, () => Math.floor(r.nextFloat() * vocab));
 };
 

@@ -4,7 +4,7 @@
 // Used by the tests for every op, router and loss, and available to check a native backend's backward kernels.
 
 import { noGrad, type Var } from './tape.js';
-import type { Rng } from './rng.js';
+import type { Rng } from '../util/rng.js';
 
 export interface GradcheckOptions {
   /** Finite-difference step (default 1e-3 with the 4-point stencil, 1e-5 with the 2-point one). */

@@ -8,7 +8,7 @@
 import { alloc, gradOf, record, samePrecision, Var } from './tape.js';
 import { gradKernels } from './kernels.js';
 import { add, affine, linear, mul, silu, softplus, softmaxRow, sumRows } from './ops.js';
-import type { Rng } from './rng.js';
+import type { Rng } from '../util/rng.js';
 
 // ---------------------------------------------------------------------------------------------------------------
 // Routing

@@ -14,7 +14,7 @@ import { alloc, numelOf, Var, type Float, type Precision } from '../autograd/tap
 import { add, addScalars, affine, attention, embedding, linear, rmsNorm, rope } from '../autograd/ops.js';
 import { denseFFN, sparseMoeBlock, type MoeBlockResult, type RouterKind } from '../autograd/moe.js';
 import { crossEntropy, cvSquared, loadBalancingLoss, routerZLoss } from '../autograd/losses.js';
-import { Rng } from '../autograd/rng.js';
+import { Rng } from '../util/rng.js';
 import { configProblems, type MixtralConfig } from './config.js';
 import { MixtralModel, type MixtralDecoderLayer, type MixtralWeights } from './mixtral.js';
 

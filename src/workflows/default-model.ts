@@ -29,7 +29,7 @@ export const STAND_IN_CONFIG: MixtralConfig = {
 };
 const STAND_IN_SEED = 20261128;
 /** Bump when randomMixtralTensors or the stand-in's shape changes, so a cached older file is not reused. */
-const STAND_IN_VERSION = 1;
+const STAND_IN_VERSION = 2;
 const STAND_IN_NAME = 'moe-ts stand-in (seeded random weights, untrained)';
 
 export function cacheDir(): string {

@@ -6,36 +6,10 @@ import type { Tensor } from '../tensor/tensor.js';
 import { f32Tensor } from '../tensor/tensor.js';
 import type { DType } from '../tensor/dtype.js';
 import { quantizeTensor } from '../tensor/quant.js';
-import { Xoshiro128ss } from './sampling.js';
+import { Rng } from '../util/rng.js';
 import { TokenType, type VocabData } from '../tokenizer/sentencepiece.js';
 import { writeMixtralGGUF } from '../formats/gguf-config.js';
 
-/** Standard normal samples from a seeded generator (Box-Muller). */
-export class NormalRng {
-  private spare: number | null = null;
-  private readonly rng: Xoshiro128ss;
-  constructor(seed: number) {
-    this.rng = new Xoshiro128ss(seed);
-  }
-  next(): number {
-    if (this.spare !== null) {
-      const s = this.spare;
-      this.spare = null;
-      return s;
-    }
-    let u = 0;
-    while (u === 0) u = this.rng.nextFloat();
-    const v = this.rng.nextFloat();
-    const r = Math.sqrt(-2 * Math.log(u));
-    this.spare = r * Math.sin(2 * Math.PI * v);
-    return r * Math.cos(2 * Math.PI * v);
-  }
-  fill(n: number, std: number, mean = 0): Float32Array {
-    const a = new Float32Array(n);
-    for (let i = 0; i < n; i++) a[i] = mean + std * this.next();
-    return a;
-  }
-}
 
 /**
  * Random weights for `c`, named as in GGUF (stacked experts), q/k rows already in GGUF RoPE order (random rows need
@@ -44,7 +18,7 @@ export class NormalRng {
  * `dtype`; norms and the router stay f32, as llama.cpp's converter keeps them.
  */
 export function randomMixtralTensors(c: MixtralConfig, seed: number, dtype: DType = 'f32'): Map<string, Tensor> {
-  const rng = new NormalRng(seed);
+  const rng = new Rng(seed);
   const t = new Map<string, Tensor>();
   const d = c.hiddenSize;
   const hd = c.headDim;

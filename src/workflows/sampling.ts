@@ -9,75 +9,11 @@
  * change the argmax, so they are skipped.
  */
 import { getRandomValues } from 'node:crypto';
+import { Rng } from '../util/rng.js';
 
-const rotl = (x: number, k: number): number => (x << k) | (x >>> (32 - k));
-
-/** 32-bit finaliser of MurmurHash3 over a Weyl sequence: spreads a seed over the xoshiro state words. */
-function splitmix32(state: { s: number }): number {
-  state.s = (state.s + 0x9e3779b9) | 0;
-  let z = state.s;
-  z = Math.imul(z ^ (z >>> 16), 0x85ebca6b);
-  z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35);
-  return (z ^ (z >>> 16)) >>> 0;
-}
-
-/**
- * xoshiro128** 1.1 (Blackman & Vigna, https://prng.di.unimi.it/xoshiro128starstar.c): 128-bit state, 32-bit
- * output, only 32-bit integer operations, so it is exact and fast in JS.
- */
-export class Xoshiro128ss {
-  private s0 = 0;
-  private s1 = 0;
-  private s2 = 0;
-  private s3 = 0;
-
-  /**
-   * Seeds from an integer in [0, 2^53): the low and high 32-bit halves each drive a splitmix32 stream (a bijection
-   * of its input), so distinct seeds give distinct states.
-   */
-  constructor(seed: number) {
-    checkSeed(seed);
-    const lo = { s: seed >>> 0 };
-    const hi = { s: (Math.floor(seed / 0x100000000) ^ 0x6a09e667) | 0 };
-    this.setState([splitmix32(lo), splitmix32(hi), splitmix32(lo), splitmix32(hi)]);
-  }
-
-  /** A generator with this exact state (for comparing with the reference implementation). */
-  static fromState(state: readonly [number, number, number, number]): Xoshiro128ss {
-    const r = new Xoshiro128ss(0);
-    r.setState(state);
-    return r;
-  }
-
-  private setState(st: readonly number[]): void {
-    [this.s0, this.s1, this.s2, this.s3] = st.map((v) => v | 0);
-    // The all-zero state is the generator's one fixed point.
-    if ((this.s0 | this.s1 | this.s2 | this.s3) === 0) this.s0 = 1;
-  }
-
-  nextUint32(): number {
-    const result = Math.imul(rotl(Math.imul(this.s1, 5), 7), 9) >>> 0;
-    const t = this.s1 << 9;
-    this.s2 ^= this.s0;
-    this.s3 ^= this.s1;
-    this.s1 ^= this.s2;
-    this.s0 ^= this.s3;
-    this.s2 ^= t;
-    this.s3 = rotl(this.s3, 11);
-    return result;
-  }
-
-  /** Uniform in [0, 1) with 53 random bits. */
-  nextFloat(): number {
-    const hi = this.nextUint32() >>> 5; // 27 bits
-    const lo = this.nextUint32() >>> 6; // 26 bits
-    return (hi * 67108864 + lo) / 9007199254740992;
-  }
-}
-
-function checkSeed(seed: number): void {
-  if (!Number.isSafeInteger(seed) || seed < 0) throw new RangeError(`seed must be an integer in [0, 2^53), got ${seed}`);
-}
+export { Rng };
+/** @deprecated the old name of Rng (src/util/rng.ts). */
+export { Rng as Xoshiro128ss };
 
 /** A random seed in [0, 2^53) from the OS's cryptographic source. */
 export function randomSeed(): number {
@@ -130,7 +66,7 @@ export class Sampler {
   readonly repetitionPenalty: number;
   readonly repeatLastN: number;
   readonly seed: number;
-  private readonly rng: Xoshiro128ss;
+  private readonly rng: Rng;
   // Scratch buffers reused across calls (one decode step must not allocate vocab-sized arrays).
   private work = new Float32Array(0);
   private ids = new Int32Array(0);
@@ -153,7 +89,7 @@ export class Sampler {
     this.repetitionPenalty = o.repetitionPenalty;
     this.repeatLastN = o.repeatLastN;
     this.seed = opts.seed ?? randomSeed();
-    this.rng = new Xoshiro128ss(this.seed);
+    this.rng = new Rng(this.seed);
   }
 
   /**
