@@ -9,8 +9,12 @@ import { loadModel, describeModel, type LoadedModel } from '../model/load.js';
 import { generate, encodeChatPrompt, type GenerateOptions } from '../workflows/generate.js';
 import type { ChatMessage } from '../workflows/chat-template.js';
 import { convertCommand } from '../workflows/convert.js';
+import { quantizeCommand } from '../workflows/quantize.js';
 import { defaultModelPath } from '../workflows/default-model.js';
+import { dataCommand } from '../workflows/corpus.js';
 import { DEFAULT_SERVER_OPTIONS, startServer } from '../server/http.js';
+import { trainCommand } from '../workflows/train.js';
+import { evalCommand } from '../workflows/eval.js';
 
 type Command = (argv: string[]) => Promise<void>;
 type Values = Record<string, string | boolean | undefined>;
@@ -244,11 +248,15 @@ const serve: Command = async (argv) => {
 
 export const commands: Record<string, Command> = {
   serve,
+  train: trainCommand,
+  eval: evalCommand,
   inspect,
   generate: generateCmd,
   chat,
   logits,
   tokenize,
   convert: convertCommand,
+  data: dataCommand,
+  quantize: quantizeCommand,
   start,
 };

@@ -18,6 +18,12 @@ Usage: moe <command> [options]       (<m> is a GGUF file or a Hugging Face check
   logits --model <m> --tokens <id,id,...>  raw logits, one row per input position (no BOS added)
   tokenize --model <m> [--no-bos] [--jsonl]  tokenize stdin
   convert <in> <out> [--type f32|f16|bf16|q8_0|q4_0]   HF directory <-> GGUF
+  quantize <in.gguf> <out.gguf> --type q8_0|q4_0|q4_k|q5_k|q6_k|q4_k_m|... [--dry-run]
+                                           llama-quantize's tensor-type rules, byte-identical output
+  data build --out <dir>                   tokenize the bundled multilingual corpus into shards
+  train --config <preset|json> --data <dir> --out <dir> [--steps N] [--resume]
+                                           train an MoE (or dense) model; checkpoints, loss curves, load heatmap
+  eval --model <m> --data <dir> [--window N] [--json]   perplexity per language on the validation shards
   serve --model <m> [--host 127.0.0.1] [--port 8080] [--api-key K] [--parallel N] [--max-queue N] [--ctx N]
                                            OpenAI-compatible HTTP API and the playground at /
   start                                    chat with the default model (what \`npm start\` runs)

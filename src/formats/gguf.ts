@@ -29,7 +29,9 @@
 
 import * as fs from 'node:fs';
 import { constants as bufferConstants } from 'node:buffer';
+import { basename } from 'node:path';
 import { FormatError } from './errors.js';
+import { openFileBytes, prefetchViews, type FileBytes } from './mapped-file.js';
 import { dtypeFromGgml, dtypeInfo, isDType, type DType } from '../tensor/dtype.js';
 import type { Tensor } from '../tensor/tensor.js';
 
@@ -109,6 +111,8 @@ export interface GGUFFile {
   readonly alignment: number;
   /** Absolute offset of the data section in the file. */
   readonly dataOffset: number;
+  /** True when tensor data are views of a memory mapping of the file (readGGUF with the native addon). */
+  readonly mapped: boolean;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -131,9 +135,11 @@ function quote(s: string): string {
 class Cursor {
   readonly view: DataView;
   pos = 0;
+  /** `bytes` holds the start of the file (the whole file unless it is larger than one view); `fileSize` is its size. */
   constructor(
     readonly bytes: Uint8Array,
     readonly path: string,
+    readonly fileSize: number = bytes.byteLength,
   ) {
     this.view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   }
@@ -148,6 +154,10 @@ class Cursor {
 
   need(n: number, what: string): void {
     if (n > this.remaining) {
+      if (this.bytes.byteLength < this.fileSize) {
+        this.fail(`the header runs past the first ${this.bytes.byteLength} bytes, the most this Node can view at once ` +
+          `(${what} at offset ${this.pos})`);
+      }
       this.fail(`file ends inside ${what}: needs ${n} bytes at offset ${this.pos}, file is ${this.bytes.byteLength} bytes`);
     }
   }
@@ -279,14 +289,23 @@ function padTo(n: number, alignment: number): number {
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 
 /**
- * Parses a whole GGUF file held in memory. `bytes` is the entire file (a read Buffer or, later, a memory map);
- * tensor data are views into it. Throws FormatError (naming `path` and the field) on anything malformed.
+ * Parses a whole GGUF file held in memory. `bytes` is the entire file; tensor data are views into it. Throws
+ * FormatError (naming `path` and the field) on anything malformed.
  */
 export function parseGGUF(bytes: Uint8Array, path: string): GGUFFile {
-  const c: Cursor = new Cursor(bytes, path);
+  return parseGGUFBytes({ head: bytes, size: bytes.byteLength, mapped: false, view: (o, n) => bytes.subarray(o, o + n) }, path);
+}
+
+/** Where parseGGUFBytes gets bytes: the start of the file (`head`) and views of any range (mapped-file.ts). */
+type GGUFSource = Pick<FileBytes, 'head' | 'size' | 'mapped' | 'view'>;
+
+function parseGGUFBytes(src: GGUFSource, path: string): GGUFFile {
+  const bytes = src.head;
+  const fileSize = src.size;
+  const c: Cursor = new Cursor(bytes, path, fileSize);
 
   // Header.
-  if (bytes.byteLength < 4) c.fail(`not a GGUF file: only ${bytes.byteLength} bytes`);
+  if (fileSize < 4) c.fail(`not a GGUF file: only ${fileSize} bytes`);
   if (MAGIC.some((m, i) => bytes[i] !== m)) {
     const shown = Array.from(bytes.subarray(0, 4), (b) => (b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : '?')).join('');
     c.fail(`not a GGUF file: magic is '${shown}', expected 'GGUF'`);
@@ -381,10 +400,10 @@ export function parseGGUF(bytes: Uint8Array, path: string): GGUFFile {
 
   // Data section: aligned after the tensor infos (llama.cpp only pads when there are tensors).
   const dataOffset = nTensors > 0 ? padTo(c.pos, alignment) : c.pos;
-  if (dataOffset > bytes.byteLength) {
-    c.fail(`file ends at ${bytes.byteLength} bytes, before the data section, which starts at ${dataOffset} (alignment ${alignment})`);
+  if (dataOffset > fileSize) {
+    c.fail(`file ends at ${fileSize} bytes, before the data section, which starts at ${dataOffset} (alignment ${alignment})`);
   }
-  const dataLength = BigInt(bytes.byteLength - dataOffset);
+  const dataLength = BigInt(fileSize - dataOffset);
   const alignBig = BigInt(alignment);
   for (const t of infos) {
     if (t.offset % alignBig !== 0n) {
@@ -411,44 +430,39 @@ export function parseGGUF(bytes: Uint8Array, path: string): GGUFFile {
     const offset = Number(t.offset);
     const byteLength = Number(t.byteLength);
     const start = dataOffset + offset;
-    tensors.set(t.name, { dtype: t.dtype, shape: t.shape, data: bytes.subarray(start, start + byteLength) });
+    tensors.set(t.name, { dtype: t.dtype, shape: t.shape, data: src.view(start, byteLength) });
     tensorInfos.push({ name: t.name, shape: t.shape, dtype: t.dtype, offset, byteLength });
   }
-  return { path, version, metadata, tensors, tensorInfos, alignment, dataOffset };
+  return { path, version, metadata, tensors, tensorInfos, alignment, dataOffset, mapped: src.mapped };
+}
+
+export interface ReadGGUFOptions {
+  /** Memory-map the file when the native addon is built (default true); false reads it into memory. */
+  mmap?: boolean;
+  /**
+   * Read a mapped file's tensor data in now (madvise WILLNEED, then touch every page, with a progress line on a TTY)
+   * instead of on first use. Default false: pages come in as inference touches them.
+   */
+  prefetch?: boolean;
+  /** Progress lines while reading or prefetching a large file (TTY only). Default true. */
+  progress?: boolean;
 }
 
 /**
- * Reads and parses a GGUF file. The whole file is read into one Buffer, so files above Node's Buffer limit
- * (buffer.constants.MAX_LENGTH, 4 GiB on Node 20) are refused with a FormatError; memory mapping comes with the
- * native backend.
+ * Reads and parses a GGUF file. With the native addon the file is memory-mapped (zero copy; files larger than 4 GiB
+ * and than the JS heap load, tensor data are views of the mapping); without it the file is read into one Buffer,
+ * so files above Node's Buffer limit (4 GiB on Node 20) are refused with a FormatError.
  */
-export function readGGUF(path: string): GGUFFile {
-  return parseGGUF(readWholeFile(path), path);
-}
-
-function readWholeFile(path: string): Buffer {
-  let fd: number | undefined;
+export function readGGUF(path: string, opts: ReadGGUFOptions = {}): GGUFFile {
+  const src = openFileBytes(path, { mmap: opts.mmap, willNeed: opts.prefetch === true, progress: opts.progress });
   try {
-    fd = fs.openSync(path, 'r');
-    const size = fs.fstatSync(fd).size;
-    if (size > bufferConstants.MAX_LENGTH) {
-      throw new FormatError(path, `file is ${size} bytes, more than the ${bufferConstants.MAX_LENGTH} bytes ` +
-        'one Buffer can hold; reading such files needs memory mapping (native backend)');
+    const f = parseGGUFBytes(src, path);
+    if (opts.prefetch === true && src.mapped) {
+      prefetchViews([...f.tensors.values()].map((t) => t.data), `loading ${basename(path)}`, opts.progress !== false);
     }
-    const bytes = Buffer.allocUnsafe(size);
-    // readFileSync stops at 2 GiB; read in chunks instead.
-    let off = 0;
-    while (off < size) {
-      const n = fs.readSync(fd, bytes, off, Math.min(size - off, 1 << 30), off);
-      if (n === 0) throw new FormatError(path, `file shrank while being read (got ${off} of ${size} bytes)`);
-      off += n;
-    }
-    return bytes;
-  } catch (e) {
-    if (e instanceof FormatError) throw e;
-    throw new FormatError(path, `cannot read the file: ${(e as Error).message}`);
+    return f;
   } finally {
-    if (fd !== undefined) fs.closeSync(fd);
+    src.close();
   }
 }
 
@@ -656,9 +670,25 @@ interface WriterLayout {
  * parseGGUF and written back with `GGUFWriter.fromFile` reproduces a llama.cpp/gguf-py file byte for byte.
  * Invalid values (a uint32 of -1, a tensor whose bytes do not match its shape) throw at the call that adds them.
  */
+/** A tensor whose bytes are produced while the file is written (e.g. quantized slab by slab), never all in memory. */
+export interface StreamedTensor {
+  readonly dtype: DType;
+  readonly shape: readonly number[];
+  /** Yields the tensor's bytes in order; together they must be exactly the size the dtype and shape need. */
+  readonly chunks: () => Iterable<Uint8Array>;
+}
+
+interface WriterTensor {
+  readonly dtype: DType;
+  readonly shape: readonly number[];
+  readonly byteLength: number;
+  readonly data?: Uint8Array;
+  readonly chunks?: () => Iterable<Uint8Array>;
+}
+
 export class GGUFWriter {
   private readonly kv = new Map<string, { value: GGUFValue; encoded: Uint8Array }>();
-  private readonly tensorList = new Map<string, Tensor>();
+  private readonly tensorList = new Map<string, WriterTensor>();
   private align = GGUF_DEFAULT_ALIGNMENT;
 
   /** A writer holding all metadata (same types, same order) and tensors of a parsed file. */
@@ -717,15 +747,36 @@ export class GGUFWriter {
 
   /** Adds a tensor (row-major shape; written with ne[] reversed). Its data is referenced, not copied. */
   addTensor(name: string, tensor: Tensor): this {
+    const expected = this.checkTensor(name, tensor.dtype, tensor.shape);
+    const what = `tensor ${quote(name)}`;
+    if (!(tensor.data instanceof Uint8Array) || tensor.data.byteLength !== expected) {
+      throw new RangeError(`${what}: data is ${tensor.data?.byteLength} bytes, but ${tensor.dtype} [${tensor.shape.join(', ')}] needs ${expected}`);
+    }
+    this.tensorList.set(name, { dtype: tensor.dtype, shape: [...tensor.shape], byteLength: expected, data: tensor.data });
+    return this;
+  }
+
+  /**
+   * Adds a tensor whose bytes `chunks()` yields when the file is written (write() streams them to disk, so a model
+   * larger than memory can be produced); a wrong total size fails the write and leaves no file.
+   */
+  addStreamedTensor(name: string, tensor: StreamedTensor): this {
+    const byteLength = this.checkTensor(name, tensor.dtype, tensor.shape);
+    if (typeof tensor.chunks !== 'function') throw new TypeError(`tensor ${quote(name)}: chunks must be a function`);
+    this.tensorList.set(name, { dtype: tensor.dtype, shape: [...tensor.shape], byteLength, chunks: tensor.chunks });
+    return this;
+  }
+
+  /** Checks a tensor's name, dtype and shape; returns its byte size. */
+  private checkTensor(name: string, dtype: DType, shape: readonly number[]): number {
     const what = `tensor ${quote(name)}`;
     const nameBytes = utf8Encoder.encode(name).byteLength;
     if (nameBytes === 0 || nameBytes > GGUF_MAX_TENSOR_NAME_BYTES) {
       throw new RangeError(`${what}: name must be 1..${GGUF_MAX_TENSOR_NAME_BYTES} bytes of UTF-8 (llama.cpp's limit), it is ${nameBytes}`);
     }
     if (this.tensorList.has(name)) throw new Error(`${what} was already added`);
-    if (!isDType(tensor.dtype)) throw new TypeError(`${what}: unknown dtype ${String(tensor.dtype)}`);
-    const { blockSize, typeSize } = dtypeInfo(tensor.dtype);
-    const shape = tensor.shape;
+    if (!isDType(dtype)) throw new TypeError(`${what}: unknown dtype ${String(dtype)}`);
+    const { blockSize, typeSize } = dtypeInfo(dtype);
     if (shape.length > GGUF_MAX_DIMS) throw new RangeError(`${what}: ${shape.length} dimensions (GGUF allows ${GGUF_MAX_DIMS})`);
     let count = 1;
     for (const d of shape) {
@@ -734,13 +785,8 @@ export class GGUFWriter {
     }
     if (!Number.isSafeInteger(count)) throw new RangeError(`${what}: too many elements in shape [${shape.join(', ')}]`);
     const row = shape.length === 0 ? 1 : shape[shape.length - 1];
-    if (row % blockSize !== 0) throw new RangeError(`${what}: rows of ${row} elements are not a multiple of the ${tensor.dtype} block size ${blockSize}`);
-    const expected = (count / blockSize) * typeSize;
-    if (!(tensor.data instanceof Uint8Array) || tensor.data.byteLength !== expected) {
-      throw new RangeError(`${what}: data is ${tensor.data?.byteLength} bytes, but ${tensor.dtype} [${shape.join(', ')}] needs ${expected}`);
-    }
-    this.tensorList.set(name, { dtype: tensor.dtype, shape: [...shape], data: tensor.data });
-    return this;
+    if (row % blockSize !== 0) throw new RangeError(`${what}: rows of ${row} elements are not a multiple of the ${dtype} block size ${blockSize}`);
+    return (count / blockSize) * typeSize;
   }
 
   private layout(): WriterLayout {
@@ -759,7 +805,7 @@ export class GGUFWriter {
       s.i32(dtypeInfo(t.dtype).ggmlType);
       s.u64(BigInt(offset));
       offsets.push(offset);
-      offset += padTo(t.data.byteLength, this.align);
+      offset += padTo(t.byteLength, this.align);
     }
     // llama.cpp and gguf-py pad the header even when there are no tensors.
     const headerLength = padTo(s.length, this.align);
@@ -775,7 +821,16 @@ export class GGUFWriter {
     const out = new Uint8Array(totalBytes);
     out.set(header);
     let i = 0;
-    for (const t of this.tensorList.values()) out.set(t.data, header.byteLength + offsets[i++]);
+    for (const [name, t] of this.tensorList) {
+      let at = header.byteLength + offsets[i++];
+      const end = at + t.byteLength;
+      for (const chunk of tensorChunks(name, t)) {
+        if (at + chunk.byteLength > end) throw new RangeError(`tensor ${quote(name)}: chunks give more than its ${t.byteLength} bytes`);
+        out.set(chunk, at);
+        at += chunk.byteLength;
+      }
+      if (at !== end) throw new RangeError(`tensor ${quote(name)}: chunks gave ${t.byteLength - (end - at)} of its ${t.byteLength} bytes`);
+    }
     return out;
   }
 
@@ -791,9 +846,15 @@ export class GGUFWriter {
     try {
       writeAll(fd, header);
       const zeros = new Uint8Array(this.align);
-      for (const t of this.tensorList.values()) {
-        writeAll(fd, t.data);
-        const pad = padTo(t.data.byteLength, this.align) - t.data.byteLength;
+      for (const [name, t] of this.tensorList) {
+        let written = 0;
+        for (const chunk of tensorChunks(name, t)) {
+          written += chunk.byteLength;
+          if (written > t.byteLength) throw new RangeError(`tensor ${quote(name)}: chunks give more than its ${t.byteLength} bytes`);
+          writeAll(fd, chunk);
+        }
+        if (written !== t.byteLength) throw new RangeError(`tensor ${quote(name)}: chunks gave ${written} of its ${t.byteLength} bytes`);
+        const pad = padTo(t.byteLength, this.align) - t.byteLength;
         if (pad > 0) writeAll(fd, zeros.subarray(0, pad));
       }
       ok = true;
@@ -803,6 +864,18 @@ export class GGUFWriter {
     }
     fs.renameSync(tmp, path);
   }
+}
+
+function tensorChunks(name: string, t: WriterTensor): Iterable<Uint8Array> {
+  if (t.data !== undefined) return [t.data];
+  return {
+    *[Symbol.iterator]() {
+      for (const chunk of t.chunks!()) {
+        if (!(chunk instanceof Uint8Array)) throw new TypeError(`tensor ${quote(name)}: a chunk is not a Uint8Array`);
+        yield chunk;
+      }
+    },
+  };
 }
 
 function writeAll(fd: number, data: Uint8Array): void {

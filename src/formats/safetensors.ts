@@ -14,8 +14,9 @@
 
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { constants as bufferConstants } from 'node:buffer';
 import { FormatError } from './errors.js';
+import { MAX_VIEW_BYTES, openFileBytes, prefetchViews } from './mapped-file.js';
+import { nativeAddon } from '../backend/native-addon.js';
 import type { DType } from '../tensor/dtype.js';
 import { tensorByteSize, shapeString, type Tensor } from '../tensor/tensor.js';
 
@@ -219,18 +220,48 @@ export function readSafetensorsHeader(file: string): SafetensorsHeader {
   return withFile(file, (fd, size) => readHeaderFrom(fd, size, file));
 }
 
+export interface ReadSafetensorsOptions {
+  /** Memory-map the file when the native addon is built (default true); false reads it into memory. */
+  mmap?: boolean;
+  /** Read a mapped file's tensor data in now (with a progress line on a TTY) instead of on first use. Default false. */
+  prefetch?: boolean;
+  /** Progress lines while reading or prefetching a large file (TTY only). Default true. */
+  progress?: boolean;
+}
+
 /**
- * Reads a safetensors file. A file that fits in one Buffer is read whole and its tensors are views of it; a larger
- * one (a big shard past buffer.constants.MAX_LENGTH) is read tensor by tensor.
+ * Reads a safetensors file. With the native addon it is memory-mapped and tensors are zero-copy views of the mapping
+ * (files larger than 4 GiB and than the JS heap load); without it a file that fits in one Buffer is read whole and its
+ * tensors are views of it, and a larger one (a big shard past buffer.constants.MAX_LENGTH) is read tensor by tensor.
  */
-export function readSafetensors(file: string): SafetensorsFile {
+export function readSafetensors(file: string, opts: ReadSafetensorsOptions = {}): SafetensorsFile {
+  let size: number;
+  try {
+    size = fs.statSync(file).size;
+  } catch (e) {
+    throw new FormatError(file, `cannot read the file: ${(e as Error).message}`);
+  }
+  if (size > MAX_VIEW_BYTES && (opts.mmap === false || nativeAddon() === null)) return readTensorByTensor(file);
+  const src = openFileBytes(file, { mmap: opts.mmap, willNeed: opts.prefetch === true, progress: opts.progress });
+  try {
+    const header = parseSafetensorsHeader(src.head, src.size, file);
+    const tensors = new Map<string, Tensor>();
+    for (const e of header.entries) {
+      tensors.set(e.name, { dtype: e.dtype, shape: e.shape, data: src.view(header.dataOffset + e.begin, e.end - e.begin) });
+    }
+    if (opts.prefetch === true && src.mapped) {
+      prefetchViews([...tensors.values()].map((t) => t.data), `loading ${path.basename(file)}`, opts.progress !== false);
+    }
+    return { tensors, metadata: header.metadata };
+  } finally {
+    src.close();
+  }
+}
+
+/** Without memory mapping, a file over one Buffer's limit is read tensor by tensor into separate Buffers. */
+function readTensorByTensor(file: string): SafetensorsFile {
   return withFile(file, (fd, size) => {
     const header = readHeaderFrom(fd, size, file);
-    if (size <= bufferConstants.MAX_LENGTH) {
-      const bytes = Buffer.allocUnsafe(size);
-      readExactly(fd, bytes, 0, file);
-      return parseSafetensors(bytes, file);
-    }
     const tensors = new Map<string, Tensor>();
     for (const e of header.entries) {
       const data = Buffer.allocUnsafe(e.end - e.begin);
@@ -290,11 +321,11 @@ export function readSafetensorsIndex(indexFile: string): Map<string, string> {
  * absent) the shards listed by model.safetensors.index.json. Every tensor the index names must be in its shard, and
  * no name may appear in two shards.
  */
-export function readCheckpointTensors(dir: string): CheckpointTensors {
+export function readCheckpointTensors(dir: string, opts: ReadSafetensorsOptions = {}): CheckpointTensors {
   const single = path.join(dir, SAFETENSORS_SINGLE_FILE);
   const indexFile = path.join(dir, SAFETENSORS_INDEX_FILE);
   if (fs.existsSync(single)) {
-    const f = readSafetensors(single);
+    const f = readSafetensors(single, opts);
     return { tensors: f.tensors, metadata: f.metadata, files: [single] };
   }
   if (!fs.existsSync(indexFile)) {
@@ -312,7 +343,7 @@ export function readCheckpointTensors(dir: string): CheckpointTensors {
       const example = [...weightMap].find(([, s]) => s === shard)![0];
       throw new FormatError(indexFile, `shard ${quote(shard)} (holding e.g. ${quote(example)}) is missing from ${dir}`);
     }
-    const f = readSafetensors(shardPath);
+    const f = readSafetensors(shardPath, opts);
     files.push(shardPath);
     metadata ??= f.metadata;
     for (const [name, t] of f.tensors) {

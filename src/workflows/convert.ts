@@ -14,6 +14,7 @@ import { dtypeInfo, isDType, type DType } from '../tensor/dtype.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { quantizeTensor } from '../tensor/quant.js';
 import { parse, UsageError } from '../cli/args.js';
+import { Progress } from '../util/progress.js';
 
 export const GGUF_WRITE_TYPES: readonly DType[] = ['f32', 'f16', 'bf16', 'q8_0', 'q4_0'];
 const HF_WRITE_TYPES: readonly DType[] = ['f32', 'f16', 'bf16'];
@@ -26,6 +27,7 @@ function keepsF32(name: string, t: Tensor): boolean {
 /** Casts every matrix to `dtype` (norms and router to f32); a row length that is not a whole number of blocks falls back to f16. */
 export function castTensors(tensors: ReadonlyMap<string, Tensor>, dtype: DType, log?: (s: string) => void): Map<string, Tensor> {
   const out = new Map<string, Tensor>();
+  const progress = new Progress({ label: `converting to ${dtype}`, total: [...tensors.values()].reduce((n, t) => n + t.data.byteLength, 0) });
   for (const [name, t] of tensors) {
     let want: DType = keepsF32(name, t) ? 'f32' : dtype;
     const row = t.shape[t.shape.length - 1];
@@ -34,7 +36,9 @@ export function castTensors(tensors: ReadonlyMap<string, Tensor>, dtype: DType, 
       want = 'f16';
     }
     out.set(name, t.dtype === want ? t : quantizeTensor(want, t));
+    progress.tick(t.data.byteLength);
   }
+  progress.finish();
   return out;
 }
 
@@ -79,7 +83,12 @@ export function convertGGUFToHF(file: string, outDir: string, type?: DType, log:
   if (!HF_WRITE_TYPES.includes(dtype)) throw new UsageError(`safetensors holds ${HF_WRITE_TYPES.join(', ')}; got --type ${dtype}`);
   const hfTensors = ggufTensorsToHF(f.tensors, config, { source: file });
   const cast = new Map<string, Tensor>();
-  for (const [name, t] of hfTensors) cast.set(name, t.dtype === dtype ? t : quantizeTensor(dtype, t));
+  const progress = new Progress({ label: `converting to ${dtype}`, total: [...hfTensors.values()].reduce((n, t) => n + t.data.byteLength, 0) });
+  for (const [name, t] of hfTensors) {
+    cast.set(name, t.dtype === dtype ? t : quantizeTensor(dtype, t));
+    progress.tick(t.data.byteLength);
+  }
+  progress.finish();
   fs.mkdirSync(outDir, { recursive: true });
   writeShardedSafetensors(outDir, cast, 4 * 1024 ** 3);
   const torchDtype = { f32: 'float32', f16: 'float16', bf16: 'bfloat16' }[dtype as 'f32' | 'f16' | 'bf16'];
