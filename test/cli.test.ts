@@ -45,7 +45,12 @@ function moe(args: string[], input = ''): Run {
   const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', input, timeout: 60_000, env, cwd: ROOT, maxBuffer: 64 << 20 });
   if (r.error) throw r.error;
   assert.equal(r.signal, null, `moe ${args.join(' ')} was killed by ${r.signal}`);
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+  return { status: r.status, stdout: r.stdout, stderr: withoutBackendNotice(r.stderr) };
+}
+
+/** Drops the one-line notice that a build without the native addon prints (select.ts); tests run with either. */
+function withoutBackendNotice(stderr: string): string {
+  return stderr.replace(/^moe-ts: using the slow ref backend.*\n/m, '');
 }
 
 /** Runs a command that must succeed; returns its stdout. */
@@ -459,6 +464,22 @@ test('usage errors: exit 2, one line naming the problem', () => {
   fails(['generate', ...m, '--prompt', 'hi', '--seed', '1e300'], /--seed must be an integer/, { status: 2 });
   fails(['generate', ...m, '--prompt', 'hi', '--bogus'], /Unknown option '--bogus'/, { status: 2 });
   fails(['inspect'], /inspect takes one model path/, { status: 2 });
+  fails(['logits', ...m, '--tokens', '1', '--backend', 'gpu'], /--backend must be auto, native or ref, got 'gpu'/, { status: 2 });
+});
+
+test('--backend ref and --backend native give the same logits (native when the addon is built)', (t) => {
+  const args = ['logits', '--model', MICRO, '--tokens', '1,50,300,7,99'];
+  const ref = JSON.parse(ok([...args, '--backend', 'ref'])) as { logits: number[][] };
+  const native = moe([...args, '--backend', 'native']);
+  if (native.status !== 0) {
+    assert.match(native.stderr, /native backend requested but unavailable/);
+    if (!process.env.CI) return t.skip('native addon not built');
+    assert.fail(native.stderr);
+  }
+  const got = (JSON.parse(native.stdout) as { logits: number[][] }).logits;
+  let worst = 0;
+  got.forEach((row, i) => row.forEach((v, j) => (worst = Math.max(worst, Math.abs(v - ref.logits[i][j])))));
+  assert.ok(worst < 1e-4, `max abs difference ${worst}`);
 });
 
 test('--help lists every command (exit 0); no command prints the usage and exits 2', () => {
@@ -524,6 +545,6 @@ test('a reader that closes the pipe early (| head -c 10): no EPIPE trace, exit 0
     const r = spawnSync('/bin/sh', ['-c', cmd], { env, cwd: ROOT, timeout: 60_000 });
     assert.equal(r.status, 0);
     assert.equal(r.stdout.length, 10, 'head got its 10 bytes');
-    assert.equal(r.stderr.toString('utf8'), 'moe exit 0\n', `${args[0]}: stderr must be clean`);
+    assert.equal(withoutBackendNotice(r.stderr.toString('utf8')), 'moe exit 0\n', `${args[0]}: stderr must be clean`);
   }
 });

@@ -10,6 +10,7 @@ import { generate, encodeChatPrompt } from '../src/workflows/generate.js';
 import type { RouterTrace } from '../src/model/types.js';
 
 const MICRO = fileURLToPath(new URL('../../test/fixtures/micro/micro-q8_0.gguf', import.meta.url));
+const TINY_A = fileURLToPath(new URL('../../test/fixtures/tiny-a/tiny-a-q8_0.gguf', import.meta.url));
 let server: RunningServer;
 let client: OpenAI;
 const lib = loadModel(MICRO);
@@ -215,16 +216,25 @@ test('--api-key: requests without the key get 401; with it they work', async () 
 });
 
 test('a full queue answers 429', async () => {
-  const s = await startServer({ ...DEFAULT_SERVER_OPTIONS, modelPath: MICRO, port: 0, parallel: 1, maxQueue: 1 });
+  // The ref backend on a larger model keeps the one slot busy for seconds, so the 50 ms steps below cannot race it.
+  const s = await startServer({ ...DEFAULT_SERVER_OPTIONS, modelPath: TINY_A, backend: 'ref', port: 0, parallel: 1, maxQueue: 1 });
+  const abort = new AbortController();
   try {
     const c = new OpenAI({ baseURL: `${s.url}/v1`, apiKey: 'x', maxRetries: 0 });
-    const long = () => c.completions.create({ model: 'm', prompt: 'a', max_tokens: 150, temperature: 0 });
-    const running = long();
-    await new Promise((r) => setTimeout(r, 50)); // the first takes the only slot
-    const queued = long(); // waits in the queue's one place
-    await new Promise((r) => setTimeout(r, 50));
+    const long = () => c.completions.create({ model: 'm', prompt: 'a', max_tokens: 150, temperature: 0 }, { signal: abort.signal });
+    const stats = async () => (await (await fetch(`${s.url}/v1/stats`)).json()) as { running: number; queued: number };
+    const until = async (ok: (x: { running: number; queued: number }) => boolean) => {
+      for (let i = 0; i < 400 && !ok(await stats()); i++) await new Promise((r) => setTimeout(r, 10));
+    };
+    const running = long().catch((e: unknown) => e);
+    await until((x) => x.running === 1); // the first takes the only slot
+    const queued = long().catch((e: unknown) => e);
+    await until((x) => x.queued === 1); // the second waits in the queue's one place
+    const now = await stats();
+    assert.deepEqual([now.running, now.queued], [1, 1]);
     await assert.rejects(long(), (e: unknown) => e instanceof OpenAI.RateLimitError && e.status === 429);
-    await Promise.all([running, queued]);
+    abort.abort(); // the disconnects cancel both generations
+    for (const r of await Promise.all([running, queued])) assert.ok(r instanceof OpenAI.APIUserAbortError, String(r));
   } finally {
     await s.close();
   }

@@ -6,6 +6,7 @@ const parseV = (argv: string[], options: Parameters<typeof parse>[1], positional
   return { values: r.values as Values, positionals: r.positionals };
 };
 import { loadModel, describeModel, type LoadedModel } from '../model/load.js';
+import { isBackendName, type BackendName } from '../backend/select.js';
 import { generate, encodeChatPrompt, type GenerateOptions } from '../workflows/generate.js';
 import type { ChatMessage } from '../workflows/chat-template.js';
 import { convertCommand } from '../workflows/convert.js';
@@ -30,6 +31,7 @@ const samplingOptions = {
   'repeat-penalty': { type: 'string' },
   seed: { type: 'string' },
   threads: { type: 'string' },
+  backend: { type: 'string' },
   ctx: { type: 'string' },
 } as const;
 
@@ -50,9 +52,16 @@ function samplingFrom(v: Values, defaultMax: number): GenerateOptions {
   return o;
 }
 
+function backendArg(v: Values): BackendName | undefined {
+  const b = v.backend as string | undefined;
+  if (b !== undefined && !isBackendName(b)) throw new UsageError(`--backend must be auto, native or ref, got '${b}'`);
+  return b;
+}
+
 function load(v: Values): LoadedModel {
   const threads = intArg('threads', v.threads as string | undefined, 0, 0);
-  return loadModel(required('model', v.model as string | undefined), { threads });
+  const backend = backendArg(v);
+  return loadModel(required('model', v.model as string | undefined), { threads, ...(backend ? { backend } : {}) });
 }
 
 const inspect: Command = async (argv) => {
@@ -145,7 +154,7 @@ const chat: Command = async (argv) => {
 };
 
 const logits: Command = async (argv) => {
-  const { values } = parseV(argv, { model: { type: 'string' }, tokens: { type: 'string' }, threads: { type: 'string' } });
+  const { values } = parseV(argv, { model: { type: 'string' }, tokens: { type: 'string' }, threads: { type: 'string' }, backend: { type: 'string' } });
   const raw = required('tokens', values.tokens as string | undefined);
   const ids = raw.split(',').map((s) => {
     // Decimal digits only: Number() would read '' as 0 and '0x10' as 16.
@@ -220,8 +229,9 @@ const start: Command = async (argv) => {
 const serve: Command = async (argv) => {
   const { values } = parseV(argv, {
     model: { type: 'string' }, host: { type: 'string' }, port: { type: 'string' }, 'api-key': { type: 'string' },
-    parallel: { type: 'string' }, 'max-queue': { type: 'string' }, threads: { type: 'string' }, ctx: { type: 'string' },
+    parallel: { type: 'string' }, 'max-queue': { type: 'string' }, threads: { type: 'string' }, backend: { type: 'string' }, ctx: { type: 'string' },
   });
+  const backend = backendArg(values);
   const d = DEFAULT_SERVER_OPTIONS;
   const apiKey = (values['api-key'] as string | undefined) ?? process.env.MOE_API_KEY;
   const s = await startServer({
@@ -232,6 +242,7 @@ const serve: Command = async (argv) => {
     parallel: intArg('parallel', values.parallel as string | undefined, d.parallel, 1),
     maxQueue: intArg('max-queue', values['max-queue'] as string | undefined, d.maxQueue, 0),
     threads: intArg('threads', values.threads as string | undefined, 0, 0),
+    ...(backend ? { backend } : {}),
     ...(values.ctx !== undefined ? { contextLength: intArg('ctx', values.ctx as string | undefined, 0, 2) } : {}),
     ...(apiKey ? { apiKey } : {}),
   });

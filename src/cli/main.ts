@@ -13,7 +13,7 @@ Usage: moe <command> [options]       (<m> is a GGUF file or a Hugging Face check
   inspect <m>                              architecture, shapes, dtypes, parameter counts, tokenizer
   generate --model <m> --prompt <text>     stream a continuation
            [--chat] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]
-           [--repeat-penalty R] [--seed S] [--threads N] [--ctx N] [--json]
+           [--repeat-penalty R] [--seed S] [--threads N] [--backend auto|native|ref] [--ctx N] [--json]
   chat --model <m> [sampling options]      interactive chat (one user turn per stdin line when piped)
   logits --model <m> --tokens <id,id,...>  raw logits, one row per input position (no BOS added)
   tokenize --model <m> [--no-bos] [--jsonl]  tokenize stdin

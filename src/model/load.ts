@@ -14,7 +14,7 @@ import { shapeString } from '../tensor/tensor.js';
 import { dequantize } from '../tensor/quant.js';
 import { checkTensorSet, expectedShapes, hfTensorsToGGUF, stackExperts } from '../formats/names.js';
 import type { Backend } from '../backend/backend.js';
-import { RefBackend } from '../backend/ref.js';
+import { selectBackend, type BackendName } from '../backend/select.js';
 import { parameterCounts, type MixtralConfig } from './config.js';
 import { MixtralModel, type MixtralDecoderLayer, type MixtralSession, type MixtralSessionOptions, type MixtralWeights } from './mixtral.js';
 import type { LanguageModel } from './types.js';
@@ -75,7 +75,8 @@ function stackPerExpertTensors(tensors: ReadonlyMap<string, Tensor>, c: MixtralC
 export interface LoadOptions {
   /** Worker threads for backends that use them (0 = the backend's default). The `ref` backend is single-threaded. */
   threads?: number;
-  backend?: Backend;
+  /** A backend instance, or which one to pick ('auto': native when its addon is built, else ref). Default 'auto'. */
+  backend?: Backend | BackendName;
 }
 
 /** A model ready to run: weights, tokenizer, chat template, and where they came from. */
@@ -103,7 +104,7 @@ export class LoadedModel implements LanguageModel {
 
 /** Loads a GGUF file or a Hugging Face checkpoint directory. Bad files throw FormatError naming file and field. */
 export function loadModel(p: string, opts: LoadOptions = {}): LoadedModel {
-  const backend = opts.backend ?? new RefBackend();
+  const backend = typeof opts.backend === 'object' ? opts.backend : selectBackend({ threads: opts.threads, ...(opts.backend ? { backend: opts.backend } : {}) });
   let st: fs.Stats;
   try {
     st = fs.statSync(p);

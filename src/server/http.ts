@@ -7,6 +7,7 @@ import { randomBytes, timingSafeEqual } from 'node:crypto';
 import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import type { WorkerInit, WorkerReply, WorkerRequest } from './worker.js';
+import type { BackendName } from '../backend/select.js';
 import type { EngineEvent } from './engine.js';
 import type { ChatMessage } from '../workflows/chat-template.js';
 import type { SamplerOptions } from '../workflows/sampling.js';
@@ -22,6 +23,8 @@ export interface ServerOptions {
   /** Requests allowed to wait for a slot; more get 429. */
   maxQueue: number;
   threads: number;
+  /** Compute backend for the inference worker (default 'auto'). */
+  backend?: BackendName;
   contextLength?: number;
   /** Largest request body accepted, in bytes. */
   maxBodyBytes: number;
@@ -59,7 +62,7 @@ export interface RunningServer {
 
 /** Starts the worker (model load) and the HTTP server; resolves once both are ready. */
 export async function startServer(opts: ServerOptions): Promise<RunningServer> {
-  const init: WorkerInit = { modelPath: path.resolve(opts.modelPath), threads: opts.threads, parallel: opts.parallel, maxQueue: opts.maxQueue, ...(opts.contextLength ? { contextLength: opts.contextLength } : {}) };
+  const init: WorkerInit = { modelPath: path.resolve(opts.modelPath), threads: opts.threads, ...(opts.backend ? { backend: opts.backend } : {}), parallel: opts.parallel, maxQueue: opts.maxQueue, ...(opts.contextLength ? { contextLength: opts.contextLength } : {}) };
   const worker = new Worker(new URL('./worker.js', import.meta.url), { workerData: init });
   const listeners = new Map<string, Listener>();
   const statsWaiters = new Map<number, (s: Extract<WorkerReply, { type: 'stats' }>) => void>();

@@ -7,10 +7,12 @@ import { Engine, type EngineEvent } from './engine.js';
 import { encodeChatPrompt } from '../workflows/generate.js';
 import type { ChatMessage } from '../workflows/chat-template.js';
 import type { SamplerOptions } from '../workflows/sampling.js';
+import type { BackendName } from '../backend/select.js';
 
 export interface WorkerInit {
   modelPath: string;
   threads: number;
+  backend?: BackendName;
   parallel: number;
   maxQueue: number;
   contextLength?: number;
@@ -41,7 +43,7 @@ const init = workerData as WorkerInit;
 const send = (m: WorkerReply) => port.postMessage(m);
 
 try {
-  const model = loadModel(init.modelPath, { threads: init.threads });
+  const model = loadModel(init.modelPath, { threads: init.threads, ...(init.backend ? { backend: init.backend } : {}) });
   const contextLength = Math.min(init.contextLength ?? model.config.maxPositionEmbeddings, model.config.maxPositionEmbeddings);
   const engine = new Engine(model, { parallel: init.parallel, maxQueue: init.maxQueue, contextLength }, send);
   port.on('message', (m: WorkerRequest) => {

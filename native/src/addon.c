@@ -1,0 +1,359 @@
+// N-API glue: every call is synchronous and works on the caller's TypedArrays in place (no copies). Arguments are
+// checked here (types, sizes, ranges) so that a wrong call throws a JavaScript error instead of reading or writing
+// out of bounds; the kernels behind this file trust what they are given.
+#include <node_api.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include "kernels.h"
+#include "ops.h"
+
+napi_value moe_napi_mmap(napi_env env, napi_callback_info info); // mmap.c
+void moe_quant_force_path(int path); // quant.c: 0 = best, 1 = generic, 2 = avx2, 3 = avx512
+
+#define MAXARGS 16
+#define CHECK(call) \
+  do { if ((call) != napi_ok) { throw_err(env, "internal N-API error in " #call); return NULL; } } while (0)
+
+static void throw_err(napi_env env, const char *msg) {
+  bool pending = false;
+  napi_is_exception_pending(env, &pending);
+  if (!pending) napi_throw_error(env, "ERR_MOE_NATIVE", msg);
+}
+static void throw_range(napi_env env, const char *msg) {
+  bool pending = false;
+  napi_is_exception_pending(env, &pending);
+  if (!pending) napi_throw_range_error(env, "ERR_MOE_NATIVE_RANGE", msg);
+}
+
+typedef struct {
+  napi_env env;
+  const char *fn;
+  size_t argc;
+  napi_value argv[MAXARGS];
+  int failed;
+} args_t;
+
+static int get_args(args_t *a, napi_env env, napi_callback_info info, const char *fn, size_t want) {
+  a->env = env;
+  a->fn = fn;
+  a->argc = MAXARGS;
+  a->failed = 0;
+  if (napi_get_cb_info(env, info, &a->argc, a->argv, NULL, NULL) != napi_ok) {
+    throw_err(env, "cannot read arguments");
+    return 0;
+  }
+  if (a->argc < want) {
+    char m[160];
+    snprintf(m, sizeof m, "%s: expected %zu arguments, got %zu", fn, want, a->argc);
+    napi_throw_type_error(env, "ERR_MOE_NATIVE_ARGS", m);
+    return 0;
+  }
+  return 1;
+}
+
+__attribute__((format(printf, 3, 4))) static void fail(args_t *a, int range, const char *fmt, ...) {
+  char m[256], d[200];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(d, sizeof d, fmt, ap);
+  va_end(ap);
+  snprintf(m, sizeof m, "%s: %s", a->fn, d);
+  if (range) throw_range(a->env, m);
+  else napi_throw_type_error(a->env, "ERR_MOE_NATIVE_ARGS", m);
+  a->failed = 1;
+}
+
+/** A TypedArray argument of the given kind; its element count goes to *len. */
+static void *typed(args_t *a, size_t i, napi_typedarray_type want, const char *what, size_t *len) {
+  if (a->failed) return NULL;
+  bool is = false;
+  napi_is_typedarray(a->env, a->argv[i], &is);
+  napi_typedarray_type t;
+  void *data = NULL;
+  size_t n = 0;
+  if (is) napi_get_typedarray_info(a->env, a->argv[i], &t, &n, &data, NULL, NULL);
+  if (!is || t != want) {
+    fail(a, 0, "%s has the wrong type", what);
+    return NULL;
+  }
+  *len = n;
+  return data;
+}
+
+/** Any TypedArray (weights: a Uint8Array view of the file); its byte length goes to *bytes. */
+static const void *bytes_of(args_t *a, size_t i, const char *what, size_t *bytes) {
+  if (a->failed) return NULL;
+  bool is = false;
+  napi_is_typedarray(a->env, a->argv[i], &is);
+  if (!is) {
+    fail(a, 0, "%s must be a TypedArray", what);
+    return NULL;
+  }
+  napi_typedarray_type t;
+  void *data = NULL;
+  size_t n = 0;
+  napi_get_typedarray_info(a->env, a->argv[i], &t, &n, &data, NULL, NULL);
+  size_t es = 1;
+  switch (t) {
+    case napi_int16_array: case napi_uint16_array: es = 2; break;
+    case napi_int32_array: case napi_uint32_array: case napi_float32_array: es = 4; break;
+    case napi_float64_array: case napi_bigint64_array: case napi_biguint64_array: es = 8; break;
+    default: es = 1;
+  }
+  *bytes = n * es;
+  return data;
+}
+
+static long long integer(args_t *a, size_t i, const char *what, long long lo, long long hi) {
+  if (a->failed) return 0;
+  double v;
+  if (napi_get_value_double(a->env, a->argv[i], &v) != napi_ok) {
+    fail(a, 0, "%s must be a number", what);
+    return 0;
+  }
+  if (!(v >= (double)lo && v <= (double)hi) || v != (double)(long long)v) {
+    fail(a, 1, "%s must be an integer in %lld..%lld", what, lo, hi);
+    return 0;
+  }
+  return (long long)v;
+}
+
+static double number(args_t *a, size_t i, const char *what) {
+  if (a->failed) return 0;
+  double v;
+  if (napi_get_value_double(a->env, a->argv[i], &v) != napi_ok) fail(a, 0, "%s must be a number", what);
+  return v;
+}
+
+static int need(args_t *a, const char *what, size_t have, long long want) {
+  if (a->failed) return 0;
+  if ((long long)have < want) {
+    fail(a, 1, "%s is too short: %lld elements, need %lld", what, (long long)have, want);
+    return 0;
+  }
+  return 1;
+}
+
+static napi_value js_bool(napi_env env, int v) {
+  napi_value r;
+  napi_get_boolean(env, v != 0, &r);
+  return r;
+}
+static napi_value undef(napi_env env) {
+  napi_value r;
+  napi_get_undefined(env, &r);
+  return r;
+}
+
+#define DIM_MAX 0x7fffffffLL
+
+// matmul(out: Float32Array, x: Float32Array, rows, w: TypedArray, wtype, outDim, inDim) -> false if wtype unsupported
+static napi_value js_matmul(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "matmul", 7)) return NULL;
+  size_t no = 0, nx = 0, nw = 0;
+  float *out = typed(&a, 0, napi_float32_array, "out", &no);
+  const float *x = typed(&a, 1, napi_float32_array, "x", &nx);
+  long long rows = integer(&a, 2, "rows", 0, DIM_MAX);
+  const void *w = bytes_of(&a, 3, "weights", &nw);
+  long long wtype = integer(&a, 4, "weight type", 0, 255);
+  long long outDim = integer(&a, 5, "outDim", 1, DIM_MAX), inDim = integer(&a, 6, "inDim", 1, DIM_MAX);
+  if (a.failed) return NULL;
+  int bs = moe_block_size((int)wtype);
+  if (!bs) return js_bool(env, 0); // a type the addon does not know: the caller falls back to ref
+  if (inDim % bs) { fail(&a, 1, "inDim %lld is not a whole number of blocks of %d (type %lld)", inDim, bs, wtype); return NULL; }
+  size_t rb = moe_row_bytes((int)wtype, inDim);
+  if (!need(&a, "out", no, rows * outDim) || !need(&a, "x", nx, rows * inDim)) return NULL;
+  if ((long long)nw < (long long)rb * outDim) { fail(&a, 1, "weights hold %lld bytes, need %lld", (long long)nw, (long long)rb * outDim); return NULL; }
+  return js_bool(env, moe_matmul(out, x, (int)rows, w, (int)wtype, (int)outDim, (int)inDim) == 0);
+}
+
+// rmsNorm(out, x, rows, weight, eps)
+static napi_value js_rmsnorm(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "rmsNorm", 5)) return NULL;
+  size_t no = 0, nx = 0, nw = 0;
+  float *out = typed(&a, 0, napi_float32_array, "out", &no);
+  const float *x = typed(&a, 1, napi_float32_array, "x", &nx);
+  long long rows = integer(&a, 2, "rows", 0, DIM_MAX);
+  const float *w = typed(&a, 3, napi_float32_array, "weight", &nw);
+  double eps = number(&a, 4, "eps");
+  if (a.failed) return NULL;
+  if (nw == 0 || nw > DIM_MAX) { fail(&a, 1, "weight has %lld elements", (long long)nw); return NULL; }
+  if (!need(&a, "out", no, rows * (long long)nw) || !need(&a, "x", nx, rows * (long long)nw)) return NULL;
+  moe_rmsnorm(out, x, (int)rows, w, (int)nw, eps);
+  return undef(env);
+}
+
+// rope(x, rows, nHeads, headDim, positions: Int32Array, theta)
+static napi_value js_rope(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "rope", 6)) return NULL;
+  size_t nx = 0, np = 0;
+  float *x = typed(&a, 0, napi_float32_array, "x", &nx);
+  long long rows = integer(&a, 1, "rows", 0, DIM_MAX), nH = integer(&a, 2, "nHeads", 1, 1 << 20);
+  long long hd = integer(&a, 3, "headDim", 2, 1 << 20);
+  const int32_t *pos = typed(&a, 4, napi_int32_array, "positions", &np);
+  double theta = number(&a, 5, "theta");
+  if (a.failed) return NULL;
+  if (hd % 2) { fail(&a, 1, "headDim %lld is odd", hd); return NULL; }
+  if (!need(&a, "x", nx, rows * nH * hd) || !need(&a, "positions", np, rows)) return NULL;
+  moe_rope(x, (int)rows, (int)nH, (int)hd, pos, theta);
+  return undef(env);
+}
+
+// attention(out, q, rows, start, kCache, vCache, nHeads, nKvHeads, headDim, scale, window (0 = none), kvF16)
+static napi_value js_attention(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "attention", 12)) return NULL;
+  size_t no = 0, nq = 0, nk = 0, nv = 0;
+  float *out = typed(&a, 0, napi_float32_array, "out", &no);
+  const float *q = typed(&a, 1, napi_float32_array, "q", &nq);
+  long long rows = integer(&a, 2, "rows", 0, DIM_MAX), start = integer(&a, 3, "start", 0, DIM_MAX);
+  const float *k = typed(&a, 4, napi_float32_array, "kCache", &nk);
+  const float *v = typed(&a, 5, napi_float32_array, "vCache", &nv);
+  long long nH = integer(&a, 6, "nHeads", 1, 1 << 20), nKv = integer(&a, 7, "nKvHeads", 1, 1 << 20);
+  long long hd = integer(&a, 8, "headDim", 1, 1 << 20);
+  double scale = number(&a, 9, "scale");
+  long long window = integer(&a, 10, "window", 0, DIM_MAX);
+  bool kvF16 = false;
+  if (!a.failed && napi_get_value_bool(env, a.argv[11], &kvF16) != napi_ok) fail(&a, 0, "kvF16 must be a boolean");
+  if (a.failed) return NULL;
+  if (nH % nKv) { fail(&a, 1, "nHeads %lld is not a multiple of nKvHeads %lld", nH, nKv); return NULL; }
+  if (start + rows > DIM_MAX) { fail(&a, 1, "start + rows = %lld is too large", start + rows); return NULL; }
+  long long total = start + rows;
+  if (!need(&a, "out", no, rows * nH * hd) || !need(&a, "q", nq, rows * nH * hd) ||
+      !need(&a, "kCache", nk, total * nKv * hd) || !need(&a, "vCache", nv, total * nKv * hd))
+    return NULL;
+  moe_attention(out, q, (int)rows, (int)start, k, v, (int)nH, (int)nKv, (int)hd, (float)scale, (int)window, kvF16);
+  return undef(env);
+}
+
+// moeFFN(out, x, rows, experts: Int32Array, weights: Float32Array, k, gate, gateType, up, upType, down, downType,
+//        nExperts, ffn, dim) -> false if a type is unsupported
+static napi_value js_moe(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "moeFFN", 15)) return NULL;
+  size_t no = 0, nx = 0, ne = 0, nwt = 0, ng = 0, nu = 0, nd = 0;
+  float *out = typed(&a, 0, napi_float32_array, "out", &no);
+  const float *x = typed(&a, 1, napi_float32_array, "x", &nx);
+  long long rows = integer(&a, 2, "rows", 0, DIM_MAX);
+  const int32_t *ex = typed(&a, 3, napi_int32_array, "experts", &ne);
+  const float *wt = typed(&a, 4, napi_float32_array, "weights", &nwt);
+  long long k = integer(&a, 5, "k", 1, 1 << 16);
+  const void *gate = bytes_of(&a, 6, "gate", &ng);
+  long long gt = integer(&a, 7, "gate type", 0, 255);
+  const void *up = bytes_of(&a, 8, "up", &nu);
+  long long ut = integer(&a, 9, "up type", 0, 255);
+  const void *down = bytes_of(&a, 10, "down", &nd);
+  long long dt = integer(&a, 11, "down type", 0, 255);
+  long long E = integer(&a, 12, "nExperts", 1, 1 << 20), ffn = integer(&a, 13, "ffn", 1, DIM_MAX);
+  long long dim = integer(&a, 14, "dim", 1, DIM_MAX);
+  if (a.failed) return NULL;
+  if (!moe_block_size((int)gt) || !moe_block_size((int)ut) || !moe_block_size((int)dt)) return js_bool(env, 0);
+  size_t grb = moe_row_bytes((int)gt, dim), urb = moe_row_bytes((int)ut, dim), drb = moe_row_bytes((int)dt, ffn);
+  if (!grb || !urb || !drb) { fail(&a, 1, "dim %lld / ffn %lld are not whole numbers of blocks of the expert types", dim, ffn); return NULL; }
+  if (rows * k > DIM_MAX) { fail(&a, 1, "rows * k = %lld is too large", rows * k); return NULL; }
+  if (!need(&a, "out", no, rows * dim) || !need(&a, "x", nx, rows * dim) || !need(&a, "experts", ne, rows * k) ||
+      !need(&a, "weights", nwt, rows * k))
+    return NULL;
+  if ((long long)ng < E * ffn * (long long)grb || (long long)nu < E * ffn * (long long)urb || (long long)nd < E * dim * (long long)drb) {
+    fail(&a, 1, "expert weights are too short for %lld experts (ffn %lld, dim %lld)", E, ffn, dim);
+    return NULL;
+  }
+  int rc = moe_moe_ffn(out, x, (int)rows, ex, wt, (int)k, gate, (int)gt, up, (int)ut, down, (int)dt, (int)E, (int)ffn,
+                       (int)dim);
+  if (rc == -2) { fail(&a, 1, "an expert id is outside 0..%lld", E - 1); return NULL; }
+  return js_bool(env, rc == 0);
+}
+
+static napi_value js_set_threads(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "setThreads", 1)) return NULL;
+  long long n = integer(&a, 0, "threads", 1, 256);
+  if (a.failed) return NULL;
+  moe_pool_set_threads((int)n);
+  napi_value r;
+  napi_create_int32(env, moe_pool_threads(), &r);
+  return r;
+}
+
+static napi_value js_set_kernels(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "setKernels", 1)) return NULL;
+  char name[32];
+  size_t len;
+  if (napi_get_value_string_utf8(env, a.argv[0], name, sizeof name, &len) != napi_ok) {
+    napi_throw_type_error(env, "ERR_MOE_NATIVE_ARGS", "setKernels: name must be a string");
+    return NULL;
+  }
+  // The quantized kernels (quant.c) follow the same choice, so tests can run every path this CPU has.
+  int ok = moe_fk_select(name);
+  if (ok) moe_quant_force_path(!strcmp(name, "generic") ? 1 : !strcmp(name, "avx2") ? 2 : !strcmp(name, "avx512") ? 3 : 0);
+  return js_bool(env, ok);
+}
+
+// setMoeChunk(rows): rows per MoE chunk, 0 = automatic (tests use it to cross chunk boundaries)
+static napi_value js_set_moe_chunk(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "setMoeChunk", 1)) return NULL;
+  long long n = integer(&a, 0, "rows", 0, DIM_MAX);
+  if (a.failed) return NULL;
+  moe_set_moe_chunk((int)n);
+  return undef(env);
+}
+
+static napi_value js_supports(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "supports", 1)) return NULL;
+  long long t = integer(&a, 0, "type", 0, 255);
+  if (a.failed) return NULL;
+  return js_bool(env, moe_is_float_type((int)t) || moe_gemm_supports((int)t));
+}
+
+static void set_str(napi_env env, napi_value o, const char *k, const char *v) {
+  napi_value s;
+  napi_create_string_utf8(env, v, NAPI_AUTO_LENGTH, &s);
+  napi_set_named_property(env, o, k, s);
+}
+static void set_int(napi_env env, napi_value o, const char *k, int v) {
+  napi_value s;
+  napi_create_int32(env, v, &s);
+  napi_set_named_property(env, o, k, s);
+}
+
+// info() -> { cpu: 'avx512-vnni' | ..., kernels: 'avx512' | ..., threads, features: {...} }
+static napi_value js_info(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value o, f;
+  napi_create_object(env, &o);
+  napi_create_object(env, &f);
+  set_str(env, o, "cpu", moe_cpu_path());
+  set_str(env, o, "kernels", moe_fk()->name);
+  set_int(env, o, "threads", moe_pool_threads());
+  const moe_cpu_features *c = moe_cpu();
+  set_int(env, f, "avx2", c->avx2); set_int(env, f, "fma", c->fma); set_int(env, f, "f16c", c->f16c);
+  set_int(env, f, "avx512f", c->avx512f); set_int(env, f, "avx512bw", c->avx512bw); set_int(env, f, "avx512vl", c->avx512vl);
+  set_int(env, f, "avx512vnni", c->avx512vnni); set_int(env, f, "avx512bf16", c->avx512bf16);
+  set_int(env, f, "avxvnni", c->avxvnni); set_int(env, f, "neon", c->neon); set_int(env, f, "dotprod", c->dotprod);
+  napi_set_named_property(env, o, "features", f);
+  return o;
+}
+
+NAPI_MODULE_INIT() {
+  struct { const char *name; napi_callback cb; } fns[] = {
+      {"matmul", js_matmul}, {"rmsNorm", js_rmsnorm}, {"rope", js_rope}, {"attention", js_attention},
+      {"moeFFN", js_moe}, {"setThreads", js_set_threads}, {"setKernels", js_set_kernels}, {"setMoeChunk", js_set_moe_chunk},
+      {"supports", js_supports}, {"info", js_info}, {"mmap", moe_napi_mmap},
+  };
+  for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
+    napi_value fn;
+    if (napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].cb, NULL, &fn) != napi_ok ||
+        napi_set_named_property(env, exports, fns[i].name, fn) != napi_ok)
+      return NULL;
+  }
+  if (moe_pool_threads() < 1) moe_pool_set_threads(1);
+  return exports;
+}

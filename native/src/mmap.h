@@ -1,0 +1,18 @@
+// Memory-mapped files for the GGUF / safetensors loaders (src/backend/native-addon.ts, src/formats/mapped-file.ts).
+#pragma once
+#include <node_api.h>
+
+/**
+ * JS: mmap(file: string | number, offset?: number, length?: number, willNeed?: boolean): ArrayBuffer
+ *
+ * Maps bytes [offset, offset + length) of a file (a path, or an open file descriptor, which stays open) copy-on-write
+ * and returns them as an external ArrayBuffer; the mapping is released when the ArrayBuffer is garbage-collected.
+ * offset defaults to 0 and length to the rest of the file; any offset works (the mapping starts at the page below).
+ * willNeed = true asks the kernel to start reading the range in (madvise MADV_WILLNEED). An empty range gives an
+ * empty ArrayBuffer. Throws an Error naming the file and the system's reason (err.code = 'ENOENT', 'EACCES',
+ * 'EISDIR', 'ERANGE', ...) when it cannot map.
+ *
+ * Ranges: Node 20 backs an external ArrayBuffer with a Buffer, so one mapping can be at most
+ * buffer.constants.MAX_LENGTH (4 GiB) long there; larger files are mapped as several ranges (the loaders do this).
+ */
+napi_value moe_napi_mmap(napi_env env, napi_callback_info info);

@@ -1,0 +1,66 @@
+// Internal interface between the kernel drivers (ops.c) and the per-ISA kernel files (ops_avx512.c, ops_avx2.c;
+// the generic C versions live in ops.c). Not part of the shared kernels.h interface.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && !defined(MOE_NO_X86_KERNELS)
+#define MOE_HAVE_X86_KERNELS 1 // ops_avx2.c / ops_avx512.c (each enables its instruction set for itself)
+#endif
+
+int moe_cpu_has_avx512(void); // AVX-512 F/BW/VL + FMA + F16C usable (OS saves ZMM state)
+int moe_cpu_has_avx2(void);   // AVX2 + FMA + F16C
+
+/** Kernels for f32 / f16 / bf16 weights on one instruction set. */
+typedef struct {
+  const char *name;
+  /**
+   * out[r*ldo + j] = dot(act row r, weight row j) for r < R, j in [j0, j1). act: f32 rows (already rounded as the
+   * weight type's vec_dot_type asks). Each output's summation order is fixed (independent of R, j0, j1).
+   */
+  void (*tile)(int wtype, int n, const void *w, size_t w_row_bytes, const float *act, size_t lda, int R, int j0, int j1,
+               float *out, size_t ldo);
+  /** out = x rounded to wtype's vec_dot_type (f16 or bf16, kept as f32), or a copy for f32. */
+  void (*round_act)(int wtype, const float *x, float *out, int n);
+  float (*dot)(const float *a, const float *b, int n);
+  /** y += a * x */
+  void (*axpy)(float *y, float a, const float *x, int n);
+  /** sum of x[i]^2 in double */
+  double (*sumsq)(const float *x, int n);
+} moe_fkern;
+
+extern const moe_fkern moe_fkern_generic;
+#if defined(MOE_HAVE_X86_KERNELS)
+extern const moe_fkern moe_fkern_avx2;
+extern const moe_fkern moe_fkern_avx512;
+#endif
+
+const moe_fkern *moe_fk(void);
+
+/** Scalar f16 / bf16 conversions, bit-exact with ggml (round to nearest even). */
+float moe_f16_to_f32(uint16_t h);
+uint16_t moe_f32_to_f16(float f);
+float moe_bf16_to_f32(uint16_t h);
+uint16_t moe_f32_to_bf16(float f);
+
+/** Row bytes of n elements of a GGML type, or 0 when the type is unknown or n is not a whole number of blocks. */
+size_t moe_row_bytes(int type, long long n);
+int moe_is_float_type(int type);
+/** Elements per block of a GGML type, 0 when unknown. */
+int moe_block_size(int type);
+
+// ---- Drivers (ops.c), all multi-threaded on the pool ----
+/** out[rows, outDim] = x[rows, inDim] . W^T for a weight matrix of type wtype; returns 0, or -1 if unsupported. */
+int moe_matmul(float *out, const float *x, int rows, const void *w, int wtype, int outDim, int inDim);
+void moe_rmsnorm(float *out, const float *x, int rows, const float *weight, int dim, double eps);
+void moe_rope(float *x, int rows, int nHeads, int headDim, const int32_t *positions, double theta);
+void moe_attention(float *out, const float *q, int rows, int start, const float *k, const float *v, int nHeads,
+                   int nKvHeads, int headDim, float scale, int window, int kvF16);
+/** Returns 0, -1 for an unsupported type, -2 for an expert id out of range (nothing written then). */
+int moe_moe_ffn(float *out, const float *x, int rows, const int32_t *experts, const float *weights, int k,
+                const void *gate, int gate_type, const void *up, int up_type, const void *down, int down_type,
+                int nExperts, int ffn, int dim);
+/** Rows per MoE chunk (0: automatic, ~64 MB buffers). For tests of the chunk boundaries. */
+void moe_set_moe_chunk(int rows);
+/** Selects the float kernel set ("generic", "avx2", "avx512", "auto"); 0 when this CPU lacks it. For tests. */
+int moe_fk_select(const char *name);

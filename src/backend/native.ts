@@ -1,0 +1,167 @@
+// The native backend: C kernels (native/src: AVX-512 / AVX2 / generic paths chosen at run time from CPUID, a
+// persistent thread pool) behind the N-API addon. Every call is synchronous and works on the caller's TypedArrays in
+// place. Weights stay in their file dtype: f32 / f16 / bf16 go to the float GEMM/GEMV kernels (native/src/ops*.c),
+// quantized types to quant.c's kernels after the activation rows are converted to the weight's vec_dot_type (once
+// per row, shared by all threads), as llama.cpp does; ref.ts is the oracle it is tested against.
+
+import * as os from 'node:os';
+import type { AttentionShape, Backend } from './backend.js';
+import { RefBackend } from './ref.js';
+import { nativeAddon, nativeAddonError } from './native-addon.js';
+import type { Tensor } from '../tensor/tensor.js';
+import { dtypeInfo, type DType } from '../tensor/dtype.js';
+
+/** The compute part of the addon (native/src/addon.c). */
+interface ComputeAddon {
+  matmul(out: Float32Array, x: Float32Array, rows: number, w: Uint8Array, wtype: number, outDim: number, inDim: number): boolean;
+  rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void;
+  rope(x: Float32Array, rows: number, nHeads: number, headDim: number, positions: Int32Array, theta: number): void;
+  attention(out: Float32Array, q: Float32Array, rows: number, start: number, k: Float32Array, v: Float32Array,
+    nHeads: number, nKvHeads: number, headDim: number, scale: number, window: number, kvF16: boolean): void;
+  moeFFN(out: Float32Array, x: Float32Array, rows: number, experts: Int32Array, weights: Float32Array, k: number,
+    gate: Uint8Array, gateType: number, up: Uint8Array, upType: number, down: Uint8Array, downType: number,
+    nExperts: number, ffn: number, dim: number): boolean;
+  setThreads(n: number): number;
+  /** Tests: the float kernel set ('avx512' | 'avx2' | 'generic' | 'auto'; quant.c follows); false if this CPU lacks it. */
+  setKernels(name: string): boolean;
+  /** Tests: rows per MoE chunk (0 = automatic: per-slot buffers of ~64 MB). */
+  setMoeChunk(rows: number): void;
+  supports(type: number): boolean;
+  info(): NativeInfo;
+}
+
+export interface NativeInfo {
+  /** Best code path this CPU has: 'avx512-vnni', 'avx512', 'avx2', 'neon', 'generic'. */
+  cpu: string;
+  /** Float kernel set in use: 'avx512', 'avx2', 'generic'. */
+  kernels: string;
+  threads: number;
+  features: Record<string, number>;
+}
+
+const FUNCTIONS = ['matmul', 'rmsNorm', 'rope', 'attention', 'moeFFN', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
+
+let compute: ComputeAddon | null | undefined;
+let computeError: string | null = null;
+
+/** The addon's compute functions, or null (see nativeBackendError()). */
+export function nativeCompute(): ComputeAddon | null {
+  if (compute !== undefined) return compute;
+  const a = nativeAddon();
+  if (!a) {
+    computeError = nativeAddonError();
+    return (compute = null);
+  }
+  const missing = FUNCTIONS.filter((f) => typeof a[f] !== 'function');
+  if (missing.length) {
+    computeError = `the native addon lacks ${missing.join(', ')} (an old build? rebuild with \`npm run build:native\`)`;
+    return (compute = null);
+  }
+  return (compute = a as unknown as ComputeAddon);
+}
+
+/** Why the native backend is unavailable (null when it is available). */
+export function nativeBackendError(): string | null {
+  nativeCompute();
+  return computeError;
+}
+
+export function nativeBackendAvailable(): boolean {
+  return nativeCompute() !== null;
+}
+
+/** The thread count the process-wide pool was last set to (the addon has one pool; backends share it). */
+let poolThreads = 0;
+
+export function defaultThreads(): number {
+  return Math.min(256, Math.max(1, os.availableParallelism())); // the pool's limit
+}
+
+export interface NativeBackendOptions {
+  /** Threads for the kernels (0 or absent: one per available core). */
+  threads?: number;
+}
+
+export class NativeBackend implements Backend {
+  readonly name = 'native';
+  readonly threads: number;
+  private readonly addon: ComputeAddon;
+  private readonly ref = new RefBackend();
+  private readonly supported = new Map<DType, boolean>();
+
+  constructor(opts: NativeBackendOptions = {}) {
+    const a = nativeCompute();
+    if (!a) throw new Error(`native backend unavailable: ${computeError}`);
+    this.addon = a;
+    const t = opts.threads ?? 0;
+    if (!(Number.isInteger(t) && t >= 0 && t <= 256)) throw new Error(`threads must be an integer in 0..256, got ${t}`);
+    this.threads = t === 0 ? defaultThreads() : t;
+    this.pool();
+  }
+
+  /** CPU path, kernel set and thread count, for messages. */
+  info(): NativeInfo {
+    return { ...this.addon.info(), threads: this.threads };
+  }
+
+  /** Whether `dtype` weights run natively (otherwise matmul / moeFFN fall back to the ref backend). */
+  supports(dtype: DType): boolean {
+    let s = this.supported.get(dtype);
+    if (s === undefined) this.supported.set(dtype, (s = this.addon.supports(dtypeInfo(dtype).ggmlType)));
+    return s;
+  }
+
+  private pool(): void {
+    if (poolThreads !== this.threads) poolThreads = this.addon.setThreads(this.threads) === this.threads ? this.threads : 0;
+  }
+
+  matmul(out: Float32Array, x: Float32Array, rows: number, w: Tensor): void {
+    if (w.shape.length !== 2) throw new Error(`matmul: weight must be 2-D, got [${w.shape.join(', ')}]`);
+    const [outDim, inDim] = w.shape;
+    if (x.length < rows * inDim) throw new Error(`matmul: input has ${x.length} values, need ${rows} x ${inDim}`);
+    if (out.length < rows * outDim) throw new Error(`matmul: output has ${out.length} values, need ${rows} x ${outDim}`);
+    if (rows === 0) return;
+    this.pool();
+    // Types neither the float kernels nor quant.c handle (q8_1, q8_k weights: never in model files) use ref.ts.
+    if (!this.supports(w.dtype) || !this.addon.matmul(out, x, rows, w.data, dtypeInfo(w.dtype).ggmlType, outDim, inDim)) {
+      this.ref.matmul(out, x, rows, w);
+    }
+  }
+
+  rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void {
+    if (rows === 0) return;
+    this.pool();
+    this.addon.rmsNorm(out, x, rows, weight, eps);
+  }
+
+  rope(x: Float32Array, rows: number, nHeads: number, headDim: number, positions: Int32Array, theta: number): void {
+    if (rows === 0) return;
+    this.pool();
+    this.addon.rope(x, rows, nHeads, headDim, positions, theta);
+  }
+
+  attention(out: Float32Array, q: Float32Array, rows: number, start: number, kCache: Float32Array, vCache: Float32Array, s: AttentionShape): void {
+    if (rows === 0) return;
+    if (s.slidingWindow !== null && !(Number.isInteger(s.slidingWindow) && s.slidingWindow > 0)) {
+      throw new Error(`attention: sliding window must be a positive integer or null, got ${s.slidingWindow}`);
+    }
+    this.pool();
+    this.addon.attention(out, q, rows, start, kCache, vCache, s.nHeads, s.nKvHeads, s.headDim, s.scale, s.slidingWindow ?? 0, s.kvF16);
+  }
+
+  moeFFN(out: Float32Array, x: Float32Array, rows: number, experts: Int32Array, weights: Float32Array, k: number, gate: Tensor, up: Tensor, down: Tensor): void {
+    if (gate.shape.length !== 3 || up.shape.length !== 3 || down.shape.length !== 3) {
+      throw new Error(`moeFFN: expert weights must be 3-D [E, out, in], got [${gate.shape}], [${up.shape}], [${down.shape}]`);
+    }
+    const [nExperts, ffn, dim] = gate.shape;
+    if (up.shape[0] !== nExperts || up.shape[1] !== ffn || up.shape[2] !== dim || down.shape[0] !== nExperts || down.shape[1] !== dim || down.shape[2] !== ffn) {
+      throw new Error(`moeFFN: gate [${gate.shape}], up [${up.shape}] and down [${down.shape}] do not fit together`);
+    }
+    if (rows === 0) return;
+    this.pool();
+    const ok = this.supports(gate.dtype) && this.supports(up.dtype) && this.supports(down.dtype) &&
+      this.addon.moeFFN(out, x, rows, experts, weights, k, gate.data, dtypeInfo(gate.dtype).ggmlType, up.data,
+        dtypeInfo(up.dtype).ggmlType, down.data, dtypeInfo(down.dtype).ggmlType, nExperts, ffn, dim);
+    if (!ok) this.ref.moeFFN(out, x, rows, experts, weights, k, gate, up, down); // an unsupported expert dtype
+  }
+}

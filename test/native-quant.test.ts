@@ -1,0 +1,148 @@
+// The native quantized kernels (native/src/quant*.c) on every code path this CPU has (generic C, AVX2, AVX-512
+// VNNI), compared with the TypeScript oracle (src/tensor/quant.ts: prepareActivation with llama.cpp's x86 rounding,
+// then dotRow) *bit for bit*.
+//
+// Why bit-exact comparison is fair here: the kernels may add block results in any order, so in general they agree
+// with dotRow only to float rounding. These cases are built so that no float operation rounds: every weight-block
+// scale (d, dmin, m) in a row is +-2^-e for one e, every activation block is zero or holds small integers times 2^-7
+// with one element at +-127 * 2^-7 (so its q8_0 / q8_K scale is exactly 2^-7 and its quants are the integers
+// themselves), and at most four activation blocks per row are non-zero, which keeps every partial sum an integer
+// multiple of 2^-(e+7) below 2^24 of them. The quant bytes themselves (nibbles, high bits, 6-bit sub-scales, q8
+// weights including -128) are uniformly random, so every bit of every field is exercised. Any error in the integer
+// parts or in the block bookkeeping (wrong element pairing, scale lane, tail block, row offset) changes the result.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { NativeBackend, nativeBackendAvailable, nativeCompute } from '../src/backend/native.js';
+import { dtypeInfo, type DType } from '../src/tensor/dtype.js';
+import { floatToHalf } from '../src/tensor/f16.js';
+import { dotRow, prepareActivation } from '../src/tensor/quant.js';
+import type { Tensor } from '../src/tensor/tensor.js';
+
+const skip = nativeBackendAvailable() ? false : 'native addon not built';
+
+const TYPES: DType[] = ['q4_0', 'q4_1', 'q5_0', 'q5_1', 'q8_0', 'q2_k', 'q3_k', 'q4_k', 'q5_k', 'q6_k'];
+
+/** Byte offsets of a block's f16 scale fields: [d, min or dmin (-1: none)] (ggml block layouts). */
+const SCALES: Record<string, [number, number]> = {
+  q4_0: [0, -1], q4_1: [0, 2], q5_0: [0, -1], q5_1: [0, 2], q8_0: [0, -1],
+  q2_k: [80, 82], q3_k: [108, -1], q4_k: [0, 2], q5_k: [0, 2], q6_k: [208, -1],
+};
+
+function rng(seed: number): () => number {
+  let s = seed >>> 0 || 1;
+  return () => {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    return (s >>> 0) / 4294967296;
+  };
+}
+
+function putU16(b: Uint8Array, o: number, v: number): void {
+  b[o] = v & 0xff;
+  b[o + 1] = v >>> 8;
+}
+
+/** outDim rows of random block bytes; each row's scales are +-2^-e for one e in 8..10. */
+function exactWeights(r: () => number, dtype: DType, outDim: number, inDim: number): Tensor {
+  const { blockSize, typeSize } = dtypeInfo(dtype);
+  const nb = inDim / blockSize;
+  const data = new Uint8Array(outDim * nb * typeSize);
+  for (let i = 0; i < data.length; i++) data[i] = Math.floor(r() * 256);
+  const [od, om] = SCALES[dtype];
+  for (let j = 0; j < outDim; j++) {
+    const scale = 2 ** -(8 + Math.floor(r() * 3));
+    for (let b = 0; b < nb; b++) {
+      const o = (j * nb + b) * typeSize;
+      putU16(data, o + od, floatToHalf(r() < 0.5 ? -scale : scale));
+      if (om >= 0) putU16(data, o + om, floatToHalf(r() < 0.5 ? -scale : scale));
+    }
+  }
+  return { dtype, shape: [outDim, inDim], data };
+}
+
+/**
+ * rows activation rows of inDim: zero except four blocks of `group` (the first, the last, two random) holding
+ * integers in [-small, small] times 2^-7 with one element at +-127 * 2^-7.
+ */
+function exactActivations(r: () => number, rows: number, inDim: number, group: number, small: number): Float32Array {
+  const x = new Float32Array(rows * inDim);
+  const ng = inDim / group;
+  for (let row = 0; row < rows; row++) {
+    const picks = [0, ng - 1, Math.floor(r() * ng), Math.floor(r() * ng)];
+    for (const g of picks) {
+      const at = row * inDim + g * group;
+      for (let i = 0; i < group; i++) x[at + i] = (Math.floor(r() * (2 * small + 1)) - small) / 128;
+      x[at + Math.floor(r() * group)] = (r() < 0.5 ? -127 : 127) / 128;
+    }
+  }
+  return x;
+}
+
+/** The kernel sets this CPU can run ('generic' always). */
+function kernelSets(): string[] {
+  const a = nativeCompute()!;
+  const sets = ['generic', 'avx2', 'avx512'].filter((k) => a.setKernels(k));
+  a.setKernels('auto');
+  return sets;
+}
+
+function checkExact(dtype: DType, rows: number, outDim: number, inDim: number, seed: number): void {
+  const r = rng(seed);
+  const blockSize = dtypeInfo(dtype).blockSize;
+  const w = exactWeights(r, dtype, outDim, inDim);
+  const x = exactActivations(r, rows, inDim, blockSize === 32 ? 32 : 256, blockSize === 32 ? 127 : 2);
+  const { typeSize } = dtypeInfo(dtype);
+  const rowBytes = (inDim / blockSize) * typeSize;
+  const want = new Float32Array(rows * outDim);
+  let nonzero = 0;
+  for (let row = 0; row < rows; row++) {
+    const act = prepareActivation(dtype, x, row * inDim, inDim, 'x86');
+    for (let j = 0; j < outDim; j++) {
+      want[row * outDim + j] = dotRow(dtype, w.data, j * rowBytes, act);
+      if (want[row * outDim + j] !== 0) nonzero++;
+    }
+  }
+  assert.ok(nonzero > (rows * outDim) / 2, `${dtype}: the reference results are mostly zero (${nonzero})`);
+  const a = nativeCompute()!;
+  try {
+    for (const k of kernelSets()) {
+      assert.ok(a.setKernels(k));
+      for (const threads of [1, 2]) {
+        const be = new NativeBackend({ threads });
+        const got = new Float32Array(rows * outDim).fill(NaN);
+        be.matmul(got, x, rows, w);
+        for (let i = 0; i < got.length; i++) {
+          if (!Object.is(got[i], want[i]) && !(got[i] === 0 && want[i] === 0)) {
+            assert.fail(`${dtype} ${k} kernels, ${threads} threads, ${rows}x[${outDim}, ${inDim}]: out[${Math.floor(i / outDim)}]` +
+              `[${i % outDim}] = ${got[i]}, dotRow gives ${want[i]}`);
+          }
+        }
+      }
+    }
+  } finally {
+    a.setKernels('auto');
+  }
+}
+
+test('native quantized matmul equals dotRow bit for bit on exactly representable data, every type and code path', { skip }, () => {
+  const be = new NativeBackend({ threads: 1 });
+  let seed = 1000;
+  for (const dtype of TYPES) {
+    assert.ok(be.supports(dtype), `${dtype} has no native kernel`);
+    const k = dtypeInfo(dtype).blockSize === 256;
+    // inner sizes: one block pair / super-block, odd block counts (the AVX-512 path pairs blocks), long rows
+    const inDims = k ? [256, 768, 4096] : [32, 224, 288, 4096];
+    for (const inDim of inDims) {
+      for (const rows of [1, 2, 3, 5, 8]) checkExact(dtype, rows, 13, inDim, seed++);
+    }
+  }
+});
+
+test('native quantized matmul on long rows (14336, Mixtral 8x7B ffn) equals dotRow bit for bit', { skip }, () => {
+  let seed = 2000;
+  for (const dtype of ['q4_0', 'q8_0', 'q4_k', 'q6_k'] as DType[]) {
+    for (const rows of [1, 5]) checkExact(dtype, rows, 6, 14336, seed++);
+  }
+});
