@@ -152,7 +152,30 @@ static double g_sumsq(const float *x, int n) {
   return s;
 }
 
-const moe_fkern moe_fkern_generic = {"generic", g_tile, g_round_act, g_dot, g_axpy, g_sumsq};
+void moe_softmax_row_generic(float *s, int n, int round_f16) {
+  float mx = -INFINITY;
+  for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+  double sum = 0;
+  for (int j = 0; j < n; j++) {
+    s[j] = (float)exp((double)s[j] - (double)mx);
+    sum += s[j];
+  }
+  float inv = (float)(1.0 / sum);
+  for (int j = 0; j < n; j++) {
+    float pj = s[j] * inv;
+    s[j] = round_f16 ? moe_f16_to_f32(moe_f32_to_f16(pj)) : pj;
+  }
+}
+
+void moe_silu_mul_generic(float *g, const float *u, int n) {
+  for (int j = 0; j < n; j++) {
+    float e = expf(-g[j]);
+    g[j] = (g[j] / (1.0f + e)) * u[j];
+  }
+}
+
+const moe_fkern moe_fkern_generic = {"generic", g_tile, g_round_act, g_dot, g_axpy, g_sumsq, moe_softmax_row_generic,
+                                     moe_silu_mul_generic};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Dispatch
@@ -467,7 +490,7 @@ static void att_range(void *p, int t0, int t1) {
     int jMin = c->window > 0 ? (i - c->window + 1 > 0 ? i - c->window + 1 : 0) : 0, L = i - jMin + 1;
     for (int g = 0; g < G; g++) {
       const float *src = c->q + (size_t)r * c->nH * hd + (size_t)(kvh * G + g) * hd;
-      if (c->kvF16) for (int d = 0; d < hd; d++) qh[g * hd + d] = moe_f16_to_f32(moe_f32_to_f16(src[d]));
+      if (c->kvF16) K->round_act(MOE_F16, src, qh + (size_t)g * hd, hd);
       else memcpy(qh + (size_t)g * hd, src, (size_t)hd * 4);
     }
     for (int j = jMin; j <= i; j++) {
@@ -475,19 +498,7 @@ static void att_range(void *p, int t0, int t1) {
       for (int g = 0; g < G; g++) sc[(size_t)g * L + (j - jMin)] = K->dot(qh + (size_t)g * hd, kj, hd) * c->scale;
     }
     for (int g = 0; g < G; g++) {
-      float *s = sc + (size_t)g * L;
-      float mx = -INFINITY;
-      for (int j = 0; j < L; j++) mx = s[j] > mx ? s[j] : mx;
-      double sum = 0;
-      for (int j = 0; j < L; j++) {
-        s[j] = (float)exp((double)s[j] - (double)mx);
-        sum += s[j];
-      }
-      float inv = (float)(1.0 / sum);
-      for (int j = 0; j < L; j++) {
-        float pj = s[j] * inv;
-        s[j] = c->kvF16 ? moe_f16_to_f32(moe_f32_to_f16(pj)) : pj;
-      }
+      K->softmax_row(sc + (size_t)g * L, L, c->kvF16);
       memset(c->out + (size_t)r * c->nH * hd + (size_t)(kvh * G + g) * hd, 0, (size_t)hd * 4);
     }
     for (int j = jMin; j <= i; j++) {
@@ -524,11 +535,7 @@ static void silu_range(void *p, int i0, int i1) {
   moe_t *c = p;
   for (int i = i0; i < i1; i++) {
     float *g = c->G + (size_t)i * c->ffn;
-    const float *u = c->U + (size_t)i * c->ffn;
-    for (int j = 0; j < c->ffn; j++) {
-      float e = expf(-g[j]);
-      g[j] = (g[j] / (1.0f + e)) * u[j];
-    }
+    moe_fk()->silu_mul(g, c->U + (size_t)i * c->ffn, c->ffn);
     void *dst = (char *)c->act_d + (size_t)i * c->ab_d;
     if (moe_is_float_type(c->down_type)) moe_fk()->round_act(c->down_type, g, dst, c->ffn);
     else moe_quantize_act_row(c->down_type, g, dst, c->ffn);

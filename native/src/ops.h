@@ -27,7 +27,15 @@ typedef struct {
   void (*axpy)(float *y, float a, const float *x, int n);
   /** sum of x[i]^2 in double */
   double (*sumsq)(const float *x, int n);
+  /** In place: s[j] = exp(s[j] - max s) / sum (the sum in double), each then rounded to f16 when round_f16. */
+  void (*softmax_row)(float *s, int n, int round_f16);
+  /** g[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u. */
+  void (*silu_mul)(float *g, const float *u, int n);
 } moe_fkern;
+
+/** The plain C versions (ops.c), also used by kernel sets that have no vector version of their own. */
+void moe_softmax_row_generic(float *s, int n, int round_f16);
+void moe_silu_mul_generic(float *g, const float *u, int n);
 
 extern const moe_fkern moe_fkern_generic;
 #if defined(MOE_HAVE_X86_KERNELS)

@@ -10,6 +10,7 @@
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
 #endif
 #include <immintrin.h>
+#include <math.h>
 
 static inline __mmask16 tailmask(int n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 
@@ -177,7 +178,58 @@ static double sumsq(const float *x, int n) {
   return _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
 }
 
-const moe_fkern moe_fkern_avx512 = {"avx512", tile, round_act, dot, axpy, sumsq};
+/**
+ * exp(x) for 16 floats (Cephes' expf: range reduction by ln 2 in two parts, degree-6 polynomial, then scalef):
+ * within 2 ulp of expf; NaN stays NaN, large arguments give 0 or inf.
+ */
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x)); // NaN passes (2nd operand)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+static void softmax_row(float *s, int n, int round_f16) {
+  __m512 vmx = _mm512_set1_ps(-INFINITY);
+  for (int j = 0; j < n; j += 16) vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tailmask(n - j), s + j));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
+  __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = tailmask(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), mx)));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+    s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+  }
+  const __m512 inv = _mm512_set1_ps((float)(1.0 / _mm512_reduce_add_pd(_mm512_add_pd(s0, s1))));
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = tailmask(n - j);
+    __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), inv);
+    if (round_f16) p = _mm512_cvtph_ps(_mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm512_mask_storeu_ps(s + j, m, p);
+  }
+}
+
+static void silu_mul(float *g, const float *u, int n) {
+  for (int j = 0; j < n; j += 16) {
+    const __mmask16 m = tailmask(n - j);
+    const __m512 x = _mm512_maskz_loadu_ps(m, g + j);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m512 y = _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_maskz_loadu_ps(m, u + j));
+    _mm512_mask_storeu_ps(g + j, m, y);
+  }
+}
+
+const moe_fkern moe_fkern_avx512 = {"avx512", tile, round_act, dot, axpy, sumsq, softmax_row, silu_mul};
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif

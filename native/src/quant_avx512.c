@@ -84,9 +84,11 @@ AI __m512 scales16(const uint8_t *p, const int bs) {
     const int s = b0 * W < smax ? b0 * W : smax;
     short idx[32] = {0};
     __mmask32 m = 0;
-    UNROLL for (int b = b0; b < 16 && b < b0 + per; b++) {
-      idx[b] = (short)(b * W - s);
-      m |= 1u << b;
+    UNROLL for (int b = b0; b < b0 + per; b++) {
+      if (b < 16) {
+        idx[b] = (short)(b * W - s);
+        m |= 1u << b;
+      }
     }
     const __m512i lo = _mm512_loadu_si512((const void *)(p + 2 * s)), hi = _mm512_loadu_si512((const void *)(p + 2 * s + 64));
     r = _mm512_mask_mov_epi16(r, m, _mm512_permutex2var_epi16(lo, _mm512_loadu_si512((const void *)idx), hi));
