@@ -259,7 +259,8 @@ export function forwardBatch(model: MixtralModel, items: readonly BatchItem[]): 
   let o = 0;
   for (const it of items) {
     const rows = it.allLogits ? it.tokens.length : 1;
-    result.push(logits.slice(o * c.vocabSize, (o + rows) * c.vocabSize));
+    // One item owning every row (a lone session's step) takes the array itself instead of a copy.
+    result.push(items.length === 1 ? logits : logits.slice(o * c.vocabSize, (o + rows) * c.vocabSize));
     o += rows;
     it.session.advance(it.tokens.length);
   }
