@@ -268,7 +268,8 @@ async function main() {
   const load1 = os.loadavg()[0];
   const notes = [];
   if (small) notes.push(`Small setting (pp${nPrompt} / tg${nGen}, ${reps} repetitions): the moe-ts backend here is \`${backend}\`, the plain-TypeScript oracle, far too slow for pp512 / tg128 in minutes. Run \`npm run bench -- --full\` to force the issue's setting.`);
-  notes.push(`Load average (1 min) ${load0.toFixed(2)} at the start, ${load1.toFixed(2)} at the end on ${os.availableParallelism()} cores${load0 > 0.5 || load1 > 0.5 ? ': other work shared the cores, so the figures are noisy' : ''}.`);
+  // The bench's own threads keep the end figure near the thread count; only the start says whether others were busy.
+  notes.push(`Load average (1 min) ${load0.toFixed(2)} at the start (${load1.toFixed(2)} at the end, the bench's own load included) on ${os.availableParallelism()} cores${load0 > 1 ? ': other work was running when it started, so the figures may be noisy' : ''}.`);
   if (rows.some((r) => (r.moeShare ?? 0) > 1 || (r.llamaShare ?? 0) > 1)) {
     notes.push('A share above 100% means the limit was measured low (a busy machine) or, for prompt processing of q8_0 / q4_0, that the engine multiplies in 8-bit integers (VNNI / AVX2 integer dot products do more multiply-adds per cycle than FP32 FMA), which the FP32 peak does not bound.');
   }
