@@ -6,7 +6,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { spawnSync } from 'node:child_process';
-import { evaluatePerplexity } from '../src/workflows/eval.js';
+import { evaluatePerplexity, loadCV } from '../src/workflows/eval.js';
+import type { RouterTrace } from '../src/model/types.js';
 import { loadModel } from '../src/model/load.js';
 import { SHARD_HEADER_BYTES, shardName, readShard } from '../src/workflows/corpus.js';
 
@@ -44,5 +45,13 @@ test('perplexity of the reference tokens equals exp(llama.cpp\'s mean NLL); one 
   const cli = spawnSync(process.execPath, [moeBin, 'eval', '--model', fixture('micro/micro-f32.gguf'), '--data', dir, '--window', '64', '--json'], { encoding: 'utf8' });
   assert.equal(cli.status, 0, cli.stderr);
   assert.deepEqual(JSON.parse(cli.stdout).map((x: { lang: string }) => x.lang), ['en', 'fr']);
+
+  // Expert load per language: the shares of the token-slots each expert took, as the router traces count them.
+  const trace: RouterTrace[] = [];
+  m.newSession({ contextLength: 65 }).forward(ref.tokens.slice(0, 20 - 1), { trace });
+  const L = m.config.numHiddenLayers, E = m.config.numLocalExperts, k = m.config.numExpertsPerTok;
+  const want = Array.from({ length: L }, (_, l) => Array.from({ length: E }, (_, e) => trace.reduce((a, t) => a + t.experts[l].filter((x) => x === e).length, 0) / (19 * k)));
+  assert.deepEqual(r[1].load, want);
+  assert.deepEqual(loadCV([[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0, 0]]), [0, 1]);
   fs.rmSync(dir, { recursive: true });
 });

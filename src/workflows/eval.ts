@@ -3,6 +3,7 @@
 
 import { listShards, readShard, CORPUS_LANGUAGES } from './corpus.js';
 import type { LoadedModel } from '../model/load.js';
+import type { RouterTrace } from '../model/types.js';
 
 export interface LanguageEval {
   lang: string;
@@ -10,6 +11,20 @@ export interface LanguageEval {
   /** Mean negative log-likelihood in nats per predicted token. */
   nll: number;
   perplexity: number;
+  /**
+   * MoE models: the share of token-slots each expert took, per layer ([layer][expert], rows sum to 1), over the
+   * evaluated tokens of this language. Absent for dense models.
+   */
+  load?: number[][];
+}
+
+/** Coefficient of variation (std / mean) of each layer's expert shares: 0 is perfectly balanced. */
+export function loadCV(load: number[][]): number[] {
+  return load.map((row) => {
+    const mean = row.reduce((a, b) => a + b, 0) / row.length;
+    const v = row.reduce((a, b) => a + (b - mean) ** 2, 0) / row.length;
+    return mean > 0 ? Math.sqrt(v) / mean : 0;
+  });
 }
 
 /** log-softmax of row `r` at `target`, in float64. */
@@ -32,17 +47,26 @@ export function evaluatePerplexity(model: LoadedModel, dataDir: string, opts: { 
   for (const lang of langs) {
     let nll = 0;
     let count = 0;
+    const E = model.config.numLocalExperts;
+    const counts = E > 1 ? Array.from({ length: model.config.numHiddenLayers }, () => new Array<number>(E).fill(0)) : null;
     for (const s of shards.filter((x) => x.lang === lang)) {
       if (s.header.vocabSize > V) throw new Error(`${s.file}: token ids up to ${s.header.vocabSize - 1} but the model's vocabulary has ${V}`);
       const ids = readShard(s.file).ids;
       for (let start = 0; start + 1 < ids.length && count < maxTokens; start += window) {
         const chunk = Array.from(ids.subarray(start, Math.min(start + window + 1, ids.length)));
         if (chunk.length < 2) break;
-        const logits = model.newSession({ contextLength: window + 1 }).forward(chunk.slice(0, -1), { allLogits: true });
-        for (let i = 0; i + 1 < chunk.length && count < maxTokens; i++, count++) nll -= logProb(logits, V, i, chunk[i + 1]);
+        const trace: RouterTrace[] = [];
+        const logits = model.newSession({ contextLength: window + 1 }).forward(chunk.slice(0, -1), { allLogits: true, ...(counts ? { trace } : {}) });
+        for (let i = 0; i + 1 < chunk.length && count < maxTokens; i++, count++) {
+          nll -= logProb(logits, V, i, chunk[i + 1]);
+          if (counts) trace[i].experts.forEach((chosen, l) => chosen.forEach((e) => counts[l][e]++));
+        }
       }
     }
-    if (count > 0) results.push({ lang, tokens: count, nll: nll / count, perplexity: Math.exp(nll / count) });
+    if (count > 0) {
+      const load = counts?.map((row) => row.map((c) => c / (row.reduce((a, b) => a + b, 0) || 1)));
+      results.push({ lang, tokens: count, nll: nll / count, perplexity: Math.exp(nll / count), ...(load ? { load } : {}) });
+    }
   }
   return results;
 }
@@ -60,6 +84,10 @@ export async function evalCommand(argv: string[]): Promise<void> {
     process.stdout.write(JSON.stringify(r) + '\n');
     return;
   }
-  process.stdout.write('| language | tokens | nll (nats/token) | perplexity |\n| --- | --- | --- | --- |\n');
-  for (const x of r) process.stdout.write(`| ${x.lang} | ${x.tokens} | ${x.nll.toFixed(4)} | ${x.perplexity.toFixed(2)} |\n`);
+  const moe = r.some((x) => x.load);
+  process.stdout.write(`| language | tokens | nll (nats/token) | perplexity |${moe ? ' expert-load CV per layer |' : ''}\n| --- | --- | --- | --- |${moe ? ' --- |' : ''}\n`);
+  for (const x of r) {
+    const cv = x.load ? ` ${loadCV(x.load).map((v) => v.toFixed(2)).join(' ')} |` : '';
+    process.stdout.write(`| ${x.lang} | ${x.tokens} | ${x.nll.toFixed(4)} | ${x.perplexity.toFixed(2)} |${cv}\n`);
+  }
 }
