@@ -16,6 +16,7 @@ import { Progress } from '../util/progress.js';
 import { heatmapSVG, lineChartSVG } from '../util/svg.js';
 import { AdamW, clipGradNorm, learningRate, DEFAULT_ADAMW, type OptimParam } from './optimizer.js';
 import { listShards, readShard } from './corpus.js';
+import { exportTrainedModel } from './export.js';
 
 export interface TrainRunConfig {
   model: MixtralTrainConfig;
@@ -281,7 +282,17 @@ export function train(run: TrainRunConfig, o: TrainOptions): { model: MixtralTra
     if (state.step % run.checkpointInterval === 0 || state.step === run.steps) saveCheckpoint(o.outDir, run, model, opt, state);
   }
   progress.finish();
-  if (state.step >= run.steps) writePlots(o.outDir, state, run);
+  if (state.step >= run.steps) {
+    writePlots(o.outDir, state, run);
+    // The finished model as checkpoints other tools read (hf/ and model-f32.gguf); a model the inference side cannot
+    // express (a switch router, say) keeps its training checkpoint only.
+    try {
+      const e = exportTrainedModel(model, o.outDir);
+      log(`moe train: exported ${e.hfDir} and ${e.gguf}`);
+    } catch (err) {
+      log(`moe train: not exported: ${(err as Error).message}`);
+    }
+  }
   return { model, state };
 }
 

@@ -1,0 +1,133 @@
+#!/usr/bin/env node
+// Trains the project's pretrained models and writes docs/training.md: the MoE (small-moe: 8 experts, top-2), a
+// dense model with the same active parameters (small-dense) on the same token stream, and the MoE again without
+// the load-balancing loss (to show what it does to the expert load). Each run goes through the public commands:
+// `moe train` (checkpoints, exact resume, loss curves, load heatmap, HF + GGUF export at the end) and `moe eval`
+// (perplexity and expert load per language on the validation shards).
+//
+// Usage: node scripts/train-pretrained.mjs [--steps N] [--noaux-steps N] [--data DIR] [--runs DIR] [--parallel]
+//        [--only moe,dense,noaux] [--resume] [--no-doc]
+// Runs live in --runs (default runs/, git-ignored); the finished models are copied to models/ (f16 GGUF).
+import { spawn, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const bin = path.join(root, 'bin', 'moe.js');
+const { values } = parseArgs({
+  options: {
+    steps: { type: 'string', default: '3000' }, 'noaux-steps': { type: 'string' }, data: { type: 'string', default: path.join(root, 'runs', 'shards') },
+    runs: { type: 'string', default: path.join(root, 'runs') }, parallel: { type: 'boolean', default: false }, only: { type: 'string', default: 'moe,dense,noaux' },
+    resume: { type: 'boolean', default: false }, 'no-doc': { type: 'boolean', default: false },
+  },
+});
+const steps = Number(values.steps);
+const noauxSteps = Number(values['noaux-steps'] ?? Math.max(1, Math.round(steps / 3)));
+const RUNS = [
+  { id: 'moe', title: 'MoE (8 experts, top-2)', preset: 'small-moe', steps, moe: {} },
+  { id: 'dense', title: 'dense, same active parameters', preset: 'small-dense', steps, moe: {} },
+  { id: 'noaux', title: 'MoE without the balancing loss', preset: 'small-moe', steps: noauxSteps, moe: { routerAuxLossCoef: 0 } },
+].filter((r) => values.only.split(',').includes(r.id));
+
+const moe = (args, opts = {}) => spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', maxBuffer: 256 << 20, ...opts });
+
+// 1. The token shards (the corpus snapshot in data/corpus, tokenized).
+if (!fs.existsSync(values.data) || fs.readdirSync(values.data).length === 0) {
+  const r = moe(['data', 'build', '--out', values.data], { stdio: 'inherit' });
+  if (r.status !== 0) process.exit(1);
+}
+
+// 2. Training: one child per run; --parallel runs them side by side with one kernel thread each.
+fs.mkdirSync(values.runs, { recursive: true });
+function trainRun(r) {
+  const dir = path.join(values.runs, r.id);
+  fs.mkdirSync(dir, { recursive: true });
+  const cfg = path.join(dir, 'config.json');
+  fs.writeFileSync(cfg, JSON.stringify({ preset: r.preset, steps: r.steps, moe: r.moe }, null, 2) + '\n');
+  const args = [bin, 'train', '--config', cfg, '--data', values.data, '--out', dir, ...(values.resume && fs.existsSync(path.join(dir, 'checkpoint')) ? ['--resume'] : [])];
+  const env = { ...process.env, ...(values.parallel ? { MOE_THREADS: '1' } : {}) };
+  const t0 = Date.now();
+  return new Promise((resolve, reject) => {
+    const log = fs.openSync(path.join(dir, 'train.log'), 'a');
+    const child = spawn(process.execPath, args, { env, stdio: ['ignore', 'pipe', log] });
+    let out = '';
+    child.stdout.on('data', (d) => (out += d));
+    child.on('close', (code) => {
+      fs.closeSync(log);
+      if (code !== 0) return reject(new Error(`${r.id}: moe train exited ${code}; see ${path.join(dir, 'train.log')}`));
+      const summary = JSON.parse(out.trim().split('\n').pop());
+      resolve({ ...r, dir, summary, seconds: (Date.now() - t0) / 1000 });
+    });
+  });
+}
+const results = [];
+if (values.parallel) results.push(...(await Promise.all(RUNS.map(trainRun))));
+else for (const r of RUNS) results.push(await trainRun(r));
+
+// 3. Evaluation of the exported GGUF files, per language, with the expert load.
+for (const r of results) {
+  const gguf = path.join(r.dir, 'model-f32.gguf');
+  const ev = moe(['eval', '--model', gguf, '--data', values.data, '--json']);
+  if (ev.status !== 0) throw new Error(`${r.id}: moe eval failed: ${ev.stderr}`);
+  r.eval = JSON.parse(ev.stdout);
+  const inspect = JSON.parse(moe(['inspect', gguf, '--json']).stdout);
+  r.params = inspect.parameters ?? inspect.params ?? null;
+  r.state = JSON.parse(fs.readFileSync(path.join(r.dir, 'checkpoint', 'trainer_state.json'), 'utf8'));
+  fs.writeFileSync(path.join(r.dir, 'eval.json'), JSON.stringify(r.eval, null, 2) + '\n');
+}
+console.log(JSON.stringify(results.map((r) => ({ id: r.id, seconds: r.seconds, summary: r.summary, eval: r.eval.map((e) => [e.lang, e.perplexity]) }))));
+if (values['no-doc']) process.exit(0);
+
+// 4. The models into the repo (f16 GGUF), the plots into docs/, and the table.
+const modelsDir = path.join(root, 'models');
+const docsDir = path.join(root, 'docs', 'training');
+fs.mkdirSync(modelsDir, { recursive: true });
+fs.mkdirSync(docsDir, { recursive: true });
+for (const r of results) {
+  if (r.id !== 'noaux') {
+    const dst = path.join(modelsDir, `moe-ts-pretrained-${r.id}-f16.gguf`);
+    const c = moe(['convert', path.join(r.dir, 'hf'), dst, '--type', 'f16']);
+    if (c.status !== 0) throw new Error(`${r.id}: convert failed: ${c.stderr}`);
+    r.shipped = path.relative(root, dst);
+  }
+  for (const f of ['loss.svg', 'expert-load.svg']) if (fs.existsSync(path.join(r.dir, f))) fs.copyFileSync(path.join(r.dir, f), path.join(docsDir, `${r.id}-${f}`));
+}
+
+const cv = (load) => {
+  if (!load) return null;
+  const per = load.map((row) => {
+    const m = row.reduce((a, b) => a + b, 0) / row.length;
+    return Math.sqrt(row.reduce((a, b) => a + (b - m) ** 2, 0) / row.length) / m;
+  });
+  return per.reduce((a, b) => a + b, 0) / per.length;
+};
+const maxShare = (load) => (load ? Math.max(...load.flat()) : null);
+const fmtInt = (n) => n.toLocaleString('en-US');
+const langs = results[0].eval.map((e) => e.lang);
+const lines = [];
+lines.push('# Training the pretrained models', '');
+lines.push(`Written by \`node scripts/train-pretrained.mjs ${process.argv.slice(2).join(' ')}\` on ${new Date().toISOString().slice(0, 10)}, ${os.cpus()[0]?.model ?? 'CPU'}, ${os.availableParallelism()} cores${values.parallel ? ' (the runs side by side, one kernel thread each)' : ''}. Data: the corpus snapshot in \`data/corpus\` (English, French, German, Italian, Spanish; licenses in data/corpus/LICENSES.md), tokenized with the Mistral v1 tokenizer by \`moe data build\`. All runs see the same token stream (the same seed picks the same windows).`, '');
+lines.push('| model | parameters (total / active per token) | steps x tokens | tokens/s | wall time | compute (6 x active x tokens) | ' + langs.map((l) => `val ppl ${l}`).join(' | ') + ' | expert-load CV (mean over layers) | largest expert share |');
+lines.push('| --- | --- | --- | --- | --- | --- | ' + langs.map(() => '---').join(' | ') + ' | --- | --- |');
+for (const r of results) {
+  const tokens = r.summary.tokens;
+  const active = r.params?.active ?? null;
+  const total = r.params?.total ?? null;
+  const tps = r.state.history.reduce((a, h) => a + h.tokensPerSecond, 0) / r.state.history.length;
+  const allLoad = r.eval.find((e) => e.load) ? r.eval[0].load.map((row, l) => row.map((_, e) => r.eval.reduce((a, x) => a + x.load[l][e] * x.tokens, 0) / r.eval.reduce((a, x) => a + x.tokens, 0))) : null;
+  r.load = allLoad;
+  lines.push(`| ${r.title} | ${total ? fmtInt(total) : '?'} / ${active ? fmtInt(active) : '?'} | ${r.state.step} x ${fmtInt(tokens / r.state.step)} = ${fmtInt(tokens)} | ${tps.toFixed(0)} | ${(r.seconds / 60).toFixed(1)} min | ${active ? (6 * active * tokens / 1e12).toFixed(2) + ' TFLOP' : '?'} | ` +
+    r.eval.map((e) => e.perplexity.toFixed(1)).join(' | ') + ` | ${allLoad ? cv(allLoad).toFixed(2) : '-'} | ${allLoad ? (maxShare(allLoad) * 100).toFixed(1) + ' %' : '-'} |`);
+}
+lines.push('');
+lines.push('Perplexity is per Mistral token on each language\'s validation split (up to 20,000 tokens, windows of 256). Expert-load CV is the coefficient of variation of the share of token-slots each expert takes in a layer (0 = perfectly even; 8 experts all on one expert would be 2.65), averaged over layers, measured on the validation text; "largest expert share" is the busiest expert of any layer (even would be 12.5 %).', '');
+for (const r of results) {
+  lines.push(`## ${r.title}`, '', `Final training loss ${r.summary.ce?.toFixed(3)} (cross-entropy), validation loss ${r.summary.val_loss?.toFixed(3)}.${r.shipped ? ` Shipped as \`${r.shipped}\`.` : ''}`, '');
+  if (fs.existsSync(path.join(docsDir, `${r.id}-loss.svg`))) lines.push(`![${r.id} loss](training/${r.id}-loss.svg)`, '');
+  if (fs.existsSync(path.join(docsDir, `${r.id}-expert-load.svg`))) lines.push(`![${r.id} expert load](training/${r.id}-expert-load.svg)`, '');
+}
+fs.writeFileSync(path.join(root, 'docs', 'training.md'), lines.join('\n') + '\n');
+console.log('wrote docs/training.md');
