@@ -46,9 +46,10 @@ function trainRun(r) {
   const dir = path.join(values.runs, r.id);
   fs.mkdirSync(dir, { recursive: true });
   const cfg = path.join(dir, 'config.json');
-  fs.writeFileSync(cfg, JSON.stringify({ preset: r.preset, steps: r.steps, moe: r.moe }, null, 2) + '\n');
-  const args = [bin, 'train', '--config', cfg, '--data', values.data, '--out', dir, ...(values.resume && fs.existsSync(path.join(dir, 'checkpoint')) ? ['--resume'] : [])];
-  const env = { ...process.env, ...(values.parallel ? { MOE_THREADS: '1' } : {}) };
+  fs.writeFileSync(cfg, JSON.stringify({ preset: r.preset, steps: r.steps, evalInterval: 200, checkpointInterval: 250, moe: r.moe }, null, 2) + '\n');
+  const args = [bin, 'train', '--config', cfg, '--data', values.data, '--out', dir, ...(values.resume && fs.existsSync(path.join(dir, 'checkpoint')) ? ['--resume'] : []),
+    ...(values.parallel ? ['--threads', '1'] : [])];
+  const env = process.env;
   const t0 = Date.now();
   return new Promise((resolve, reject) => {
     const log = fs.openSync(path.join(dir, 'train.log'), 'a');

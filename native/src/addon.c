@@ -167,7 +167,42 @@ static napi_value js_matmul(napi_env env, napi_callback_info info) {
   size_t rb = moe_row_bytes((int)wtype, inDim);
   if (!need(&a, "out", no, rows * outDim) || !need(&a, "x", nx, rows * inDim)) return NULL;
   if ((long long)nw < (long long)rb * outDim) { fail(&a, 1, "weights hold %lld bytes, need %lld", (long long)nw, (long long)rb * outDim); return NULL; }
+  bool acc = false; // optional 8th argument: add the product into out (f32 weights only)
+  if (a.argc > 7 && napi_get_value_bool(env, a.argv[7], &acc) != napi_ok) { fail(&a, 0, "accumulate must be a boolean"); return NULL; }
+  if (acc) {
+    if (wtype != MOE_F32) { fail(&a, 1, "accumulate needs f32 weights"); return NULL; }
+    return js_bool(env, moe_matmul_acc(out, x, (int)rows, (const float *)w, (int)outDim, (int)inDim) == 0);
+  }
   return js_bool(env, moe_matmul(out, x, (int)rows, w, (int)wtype, (int)outDim, (int)inDim) == 0);
+}
+
+// transpose(dst, src, rows, cols): dst[cols, rows] = src[rows, cols]^T
+static napi_value js_transpose(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "transpose", 4)) return NULL;
+  size_t nd = 0, ns = 0;
+  float *dst = typed(&a, 0, napi_float32_array, "dst", &nd);
+  const float *src = typed(&a, 1, napi_float32_array, "src", &ns);
+  long long rows = integer(&a, 2, "rows", 0, DIM_MAX), cols = integer(&a, 3, "cols", 0, DIM_MAX);
+  if (a.failed || !need(&a, "dst", nd, rows * cols) || !need(&a, "src", ns, rows * cols)) return NULL;
+  if (rows > 0 && cols > 0) moe_transpose_f32(dst, src, (int)rows, (int)cols);
+  return undef(env);
+}
+
+// softmaxRows(x, rows, n, lse: Float64Array, probs: Float32Array | null)
+static napi_value js_softmax_rows(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "softmaxRows", 5)) return NULL;
+  size_t nx = 0, nl = 0, np = 0;
+  const float *x = typed(&a, 0, napi_float32_array, "x", &nx);
+  long long rows = integer(&a, 1, "rows", 0, DIM_MAX), n = integer(&a, 2, "n", 1, DIM_MAX);
+  double *lse = typed(&a, 3, napi_float64_array, "lse", &nl);
+  napi_valuetype pt;
+  float *probs = NULL;
+  if (!a.failed && napi_typeof(env, a.argv[4], &pt) == napi_ok && pt != napi_null) probs = typed(&a, 4, napi_float32_array, "probs", &np);
+  if (a.failed || !need(&a, "x", nx, rows * n) || !need(&a, "lse", nl, rows) || (probs && !need(&a, "probs", np, rows * n))) return NULL;
+  if (rows > 0) moe_softmax_rows(x, (int)rows, (int)n, lse, probs);
+  return undef(env);
 }
 
 // rmsNorm(out, x, rows, weight, eps)
@@ -347,6 +382,7 @@ NAPI_MODULE_INIT() {
       {"matmul", js_matmul}, {"rmsNorm", js_rmsnorm}, {"rope", js_rope}, {"attention", js_attention},
       {"moeFFN", js_moe}, {"setThreads", js_set_threads}, {"setKernels", js_set_kernels}, {"setMoeChunk", js_set_moe_chunk},
       {"supports", js_supports}, {"info", js_info}, {"mmap", moe_napi_mmap},
+      {"transpose", js_transpose}, {"softmaxRows", js_softmax_rows},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn;

@@ -152,7 +152,7 @@ static double g_sumsq(const float *x, int n) {
   return s;
 }
 
-void moe_softmax_row_generic(float *s, int n, int round_f16) {
+double moe_softmax_row_generic(float *s, int n, int round_f16) {
   float mx = -INFINITY;
   for (int j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
   double sum = 0;
@@ -165,6 +165,7 @@ void moe_softmax_row_generic(float *s, int n, int round_f16) {
     float pj = s[j] * inv;
     s[j] = round_f16 ? moe_f16_to_f32(moe_f32_to_f16(pj)) : pj;
   }
+  return (double)mx + log(sum);
 }
 
 void moe_silu_mul_generic(float *g, const float *u, int n) {
@@ -650,4 +651,64 @@ int moe_moe_ffn(float *out, const float *x, int rows, const int32_t *experts, co
               gate, gate_type, up, up_type, down, down_type, nExperts, ffn, dim);
   }
   return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Training helpers: accumulate-into GEMM, transpose, and the cross-entropy's softmax rows (src/autograd/native-kernels.ts)
+// ---------------------------------------------------------------------------------------------------------------
+typedef struct { float *dst; const float *src; size_t n; } addv_t;
+#define ADD_CHUNK 16384
+static void add_range(void *p, int i0, int i1) {
+  addv_t *c = p;
+  size_t a = (size_t)i0 * ADD_CHUNK, b = (size_t)i1 * ADD_CHUNK;
+  if (b > c->n) b = c->n;
+  for (size_t i = a; i < b; i++) c->dst[i] += c->src[i];
+}
+
+int moe_matmul_acc(float *out, const float *x, int rows, const float *w, int outDim, int inDim) {
+  if (rows <= 0 || outDim <= 0) return 0;
+  size_t n = (size_t)rows * outDim;
+  float *tmp = scratch(S_G, n * sizeof(float) + 64);
+  if (!tmp) abort();
+  int r = moe_matmul(tmp, x, rows, w, MOE_F32, outDim, inDim);
+  if (r) return r;
+  addv_t c = {out, tmp, n};
+  parallel_for((int)((n + ADD_CHUNK - 1) / ADD_CHUNK), ADD_CHUNK, add_range, &c);
+  return 0;
+}
+
+typedef struct { float *dst; const float *src; int rows, cols; } tr_t;
+#define TR_B 32
+static void tr_range(void *p, int b0, int b1) {
+  tr_t *c = p;
+  for (int b = b0; b < b1; b++) {
+    int r0 = b * TR_B, r1 = r0 + TR_B < c->rows ? r0 + TR_B : c->rows;
+    for (int c0 = 0; c0 < c->cols; c0 += TR_B) {
+      int c1 = c0 + TR_B < c->cols ? c0 + TR_B : c->cols;
+      for (int r = r0; r < r1; r++)
+        for (int k = c0; k < c1; k++) c->dst[(size_t)k * c->rows + r] = c->src[(size_t)r * c->cols + k];
+    }
+  }
+}
+
+void moe_transpose_f32(float *dst, const float *src, int rows, int cols) {
+  tr_t c = {dst, src, rows, cols};
+  parallel_for(cdiv(rows, TR_B), (double)TR_B * cols, tr_range, &c);
+}
+
+typedef struct { const float *x; float *probs; double *lse; int n; } smr_t;
+static void smr_range(void *p, int r0, int r1) {
+  smr_t *c = p;
+  const moe_fkern *K = moe_fk();
+  float *row = c->probs ? NULL : scratch(S_ATT, (size_t)c->n * sizeof(float) + 64);
+  for (int r = r0; r < r1; r++) {
+    float *dst = c->probs ? c->probs + (size_t)r * c->n : row;
+    memcpy(dst, c->x + (size_t)r * c->n, (size_t)c->n * sizeof(float));
+    c->lse[r] = K->softmax_row(dst, c->n, 0);
+  }
+}
+
+void moe_softmax_rows(const float *x, int rows, int n, double *lse, float *probs) {
+  smr_t c = {x, probs, lse, n};
+  parallel_for(rows, 8.0 * n, smr_range, &c);
 }

@@ -27,14 +27,17 @@ typedef struct {
   void (*axpy)(float *y, float a, const float *x, int n);
   /** sum of x[i]^2 in double */
   double (*sumsq)(const float *x, int n);
-  /** In place: s[j] = exp(s[j] - max s) / sum (the sum in double), each then rounded to f16 when round_f16. */
-  void (*softmax_row)(float *s, int n, int round_f16);
+  /**
+   * In place: s[j] = exp(s[j] - max s) / sum (the sum in double), each then rounded to f16 when round_f16.
+   * Returns log(sum exp(s)) (max + log sum), the row's log-normaliser.
+   */
+  double (*softmax_row)(float *s, int n, int round_f16);
   /** g[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u. */
   void (*silu_mul)(float *g, const float *u, int n);
 } moe_fkern;
 
 /** The plain C versions (ops.c), also used by kernel sets that have no vector version of their own. */
-void moe_softmax_row_generic(float *s, int n, int round_f16);
+double moe_softmax_row_generic(float *s, int n, int round_f16);
 void moe_silu_mul_generic(float *g, const float *u, int n);
 
 extern const moe_fkern moe_fkern_generic;
@@ -68,6 +71,14 @@ void moe_attention(float *out, const float *q, int rows, int start, const float 
 int moe_moe_ffn(float *out, const float *x, int rows, const int32_t *experts, const float *weights, int k,
                 const void *gate, int gate_type, const void *up, int up_type, const void *down, int down_type,
                 int nExperts, int ffn, int dim);
+// ---- Training helpers (f32) ----
+/** out[rows, outDim] += x . W^T for f32 W (moe_matmul, then added); 0, or -1 as moe_matmul. */
+int moe_matmul_acc(float *out, const float *x, int rows, const float *w, int outDim, int inDim);
+/** dst[cols, rows] = src[rows, cols]^T. */
+void moe_transpose_f32(float *dst, const float *src, int rows, int cols);
+/** For each row of x[rows, n]: lse[r] = log sum exp(x[r]); probs[r] = exp(x[r] - lse[r]) when probs is not NULL. */
+void moe_softmax_rows(const float *x, int rows, int n, double *lse, float *probs);
+
 /** Rows per MoE chunk (0: automatic, ~64 MB buffers). For tests of the chunk boundaries. */
 void moe_set_moe_chunk(int rows);
 /** Selects the float kernel set ("generic", "avx2", "avx512", "auto"); 0 when this CPU lacks it. For tests. */

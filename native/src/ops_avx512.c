@@ -198,7 +198,7 @@ static inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-static void softmax_row(float *s, int n, int round_f16) {
+static double softmax_row(float *s, int n, int round_f16) {
   __m512 vmx = _mm512_set1_ps(-INFINITY);
   for (int j = 0; j < n; j += 16) vmx = _mm512_max_ps(vmx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tailmask(n - j), s + j));
   const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmx));
@@ -210,13 +210,15 @@ static void softmax_row(float *s, int n, int round_f16) {
     s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
     s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
   }
-  const __m512 inv = _mm512_set1_ps((float)(1.0 / _mm512_reduce_add_pd(_mm512_add_pd(s0, s1))));
+  const double sum = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+  const __m512 inv = _mm512_set1_ps((float)(1.0 / sum));
   for (int j = 0; j < n; j += 16) {
     const __mmask16 m = tailmask(n - j);
     __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + j), inv);
     if (round_f16) p = _mm512_cvtph_ps(_mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     _mm512_mask_storeu_ps(s + j, m, p);
   }
+  return (double)_mm512_cvtss_f32(mx) + log(sum);
 }
 
 static void silu_mul(float *g, const float *u, int n) {

@@ -20,6 +20,11 @@ export interface GradKernels {
   groupedMatmul(y: Float, x: Float, w: Float, offsets: Int32Array, k: number, n: number): void;
   /** Backward of groupedMatmul: dx rows from their expert's W; dw[e] += dy_e^T x_e for each expert with rows. */
   groupedMatmulBackward(dy: Float, x: Float, w: Float, offsets: Int32Array, k: number, n: number, dx: Float | null, dw: Float | null): void;
+  /**
+   * For each row of x [rows, n] (the cross-entropy's logits): lse[r] = log sum_j exp(x[r, j]) and, when probs is
+   * given, probs[r, j] = exp(x[r, j] - lse[r]).
+   */
+  softmaxRows(x: Float, rows: number, n: number, lse: Float64Array, probs: Float | null): void;
 }
 
 /**
@@ -53,6 +58,18 @@ export const refKernels: GradKernels = {
       const r0 = offsets[e];
       const rows = offsets[e + 1] - r0;
       if (rows > 0) mmBackward(dy, r0 * n, x, r0 * k, w, e * n * k, rows, k, n, dx, dw);
+    }
+  },
+
+  softmaxRows(x, rows, n, lse, probs) {
+    for (let r = 0; r < rows; r++) {
+      const o = r * n;
+      let max = -Infinity;
+      for (let j = 0; j < n; j++) if (x[o + j] > max) max = x[o + j];
+      let sum = 0;
+      for (let j = 0; j < n; j++) sum += Math.exp(x[o + j] - max);
+      lse[r] = max === -Infinity ? -Infinity : max + Math.log(sum);
+      if (probs) for (let j = 0; j < n; j++) probs[o + j] = Math.exp(x[o + j] - lse[r]);
     }
   },
 };

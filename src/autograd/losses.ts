@@ -4,6 +4,7 @@
 
 import { alloc, gradOf, record, samePrecision, Var } from './tape.js';
 import { logSumExpRow, softmaxRow } from './ops.js';
+import { gradKernels } from './kernels.js';
 
 export interface CrossEntropyOptions {
   /**
@@ -30,10 +31,12 @@ export function crossEntropy(logits: Var, targets: ArrayLike<number>, opts: Cros
   const div = opts.divisor ?? count;
   if (!(div > 0) && count > 0) throw new Error(`crossEntropy: divisor must be > 0, got ${div}`);
   const lse = new Float64Array(N);
+  // The probabilities are kept for the backward pass (one more logits-sized array) when a gradient will be wanted.
+  const probs = logits.requiresGrad ? alloc(logits.precision, N * V) : null;
+  gradKernels().softmaxRows(logits.data, N, V, lse, probs);
   let total = 0;
   for (let i = 0; i < N; i++) {
     if (targets[i] < 0) continue;
-    lse[i] = logSumExpRow(logits.data, i * V, V);
     total += lse[i] - logits.data[i * V + targets[i]];
   }
   const out = alloc(logits.precision, 1);
@@ -45,7 +48,7 @@ export function crossEntropy(logits: Var, targets: ArrayLike<number>, opts: Cros
     for (let i = 0; i < N; i++) {
       if (targets[i] < 0) continue;
       const o = i * V;
-      for (let v = 0; v < V; v++) dz[o + v] += c * Math.exp(logits.data[o + v] - lse[i]);
+      for (let v = 0; v < V; v++) dz[o + v] += c * probs![o + v];
       dz[o + targets[i]] -= c;
     }
   });

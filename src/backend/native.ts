@@ -13,7 +13,12 @@ import { dtypeInfo, type DType } from '../tensor/dtype.js';
 
 /** The compute part of the addon (native/src/addon.c). */
 interface ComputeAddon {
-  matmul(out: Float32Array, x: Float32Array, rows: number, w: Uint8Array, wtype: number, outDim: number, inDim: number): boolean;
+  /** out = x . W^T (accumulate: out += x . W^T, f32 weights only). */
+  matmul(out: Float32Array, x: Float32Array, rows: number, w: Uint8Array, wtype: number, outDim: number, inDim: number, accumulate?: boolean): boolean;
+  /** Training: dst[cols, rows] = src[rows, cols]^T. */
+  transpose(dst: Float32Array, src: Float32Array, rows: number, cols: number): void;
+  /** Training: lse[r] = log sum exp(x[r, :]); probs[r, :] = exp(x[r, :] - lse[r]) when given. */
+  softmaxRows(x: Float32Array, rows: number, n: number, lse: Float64Array, probs: Float32Array | null): void;
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void;
   rope(x: Float32Array, rows: number, nHeads: number, headDim: number, positions: Int32Array, theta: number): void;
   attention(out: Float32Array, q: Float32Array, rows: number, start: number, k: Float32Array, v: Float32Array,
@@ -39,7 +44,7 @@ export interface NativeInfo {
   features: Record<string, number>;
 }
 
-const FUNCTIONS = ['matmul', 'rmsNorm', 'rope', 'attention', 'moeFFN', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
+const FUNCTIONS = ['matmul', 'transpose', 'softmaxRows', 'rmsNorm', 'rope', 'attention', 'moeFFN', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
 
 let compute: ComputeAddon | null | undefined;
 let computeError: string | null = null;

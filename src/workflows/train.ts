@@ -17,6 +17,8 @@ import { heatmapSVG, lineChartSVG } from '../util/svg.js';
 import { AdamW, clipGradNorm, learningRate, DEFAULT_ADAMW, type OptimParam } from './optimizer.js';
 import { listShards, readShard } from './corpus.js';
 import { exportTrainedModel } from './export.js';
+import { gradKernels, setGradKernels, type GradKernels } from '../autograd/kernels.js';
+import { selectGradKernels } from '../autograd/native-kernels.js';
 
 export interface TrainRunConfig {
   model: MixtralTrainConfig;
@@ -196,11 +198,23 @@ export interface TrainOptions {
   resume?: boolean;
   /** Stop after this step (a test's stand-in for an interruption); the run's schedule still spans `steps`. */
   stopAfter?: number;
+  /** The matmul kernels (default: the current gradKernels(); `moe train` picks native when built). */
+  kernels?: GradKernels;
   log?: (line: string) => void;
 }
 
 /** Runs (or resumes) training; returns the final state. */
 export function train(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain; state: TrainerState } {
+  if (!o.kernels) return trainWith(run, o);
+  const prev = setGradKernels(o.kernels);
+  try {
+    return trainWith(run, o);
+  } finally {
+    setGradKernels(prev);
+  }
+}
+
+function trainWith(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain; state: TrainerState } {
   checkRunConfig(run, 'train config');
   const log = o.log ?? ((s: string) => process.stderr.write(s + '\n'));
   fs.mkdirSync(o.outDir, { recursive: true });
@@ -235,6 +249,7 @@ export function train(run: TrainRunConfig, o: TrainOptions): { model: MixtralTra
   const sched = { maxLr: run.maxLr, minLr: run.minLr, warmupSteps: run.warmupSteps, totalSteps: run.steps };
   const tokensPerStep = run.batchSize * run.seqLen * run.gradAccum;
   const last = Math.min(run.steps, o.stopAfter ?? run.steps);
+  log(`moe train: ${gradKernels().name} matmul kernels, ${tokensPerStep} tokens per step`);
   const progress = new Progress({ label: 'train', total: run.steps, unit: 'items', itemName: 'steps' });
   const E = run.model.numLocalExperts;
   while (state.step < last) {
@@ -332,14 +347,18 @@ export { inferenceConfig };
 
 /** `moe train --config <preset|json> --data <dir> --out <dir> [--steps N] [--resume]` */
 export async function trainCommand(argv: string[]): Promise<void> {
-  const { parse, intArg, required } = await import('../cli/args.js');
-  const { values } = parse(argv, { config: { type: 'string' }, data: { type: 'string' }, out: { type: 'string' }, steps: { type: 'string' }, resume: { type: 'boolean' }, 'stop-after': { type: 'string' } });
+  const { parse, intArg, required, UsageError } = await import('../cli/args.js');
+  const { isBackendName } = await import('../backend/select.js');
+  const { values } = parse(argv, { config: { type: 'string' }, data: { type: 'string' }, out: { type: 'string' }, steps: { type: 'string' }, resume: { type: 'boolean' }, 'stop-after': { type: 'string' }, threads: { type: 'string' }, backend: { type: 'string' } });
+  const backend = values.backend as string | undefined;
+  if (backend !== undefined && !isBackendName(backend)) throw new UsageError(`--backend must be auto, native or ref, got '${backend}'`);
+  const kernels = selectGradKernels({ threads: intArg('threads', values.threads as string | undefined, 0, 0), ...(backend ? { backend } : {}) });
   const run = resolveTrainConfig(required('config', values.config as string | undefined));
   if (values.steps !== undefined) run.steps = intArg('steps', values.steps as string, run.steps, 1);
   const data = loadTokenData(required('data', values.data as string | undefined));
   const outDir = required('out', values.out as string | undefined);
   const stop = values['stop-after'] as string | undefined;
-  const { state } = train(run, { data, outDir, resume: values.resume === true, ...(stop !== undefined ? { stopAfter: intArg('stop-after', stop, 0, 1) } : {}) });
+  const { state } = train(run, { data, outDir, kernels, resume: values.resume === true, ...(stop !== undefined ? { stopAfter: intArg('stop-after', stop, 0, 1) } : {}) });
   const h = state.history[state.history.length - 1];
   const v = state.evals[state.evals.length - 1];
   process.stdout.write(JSON.stringify({ step: state.step, tokens: state.tokensSeen, loss: h?.loss, ce: h?.ce, val_loss: v?.valLoss ?? null, out: outDir }) + '\n');
