@@ -119,6 +119,8 @@ test('kernels: the matmuls go through the replaceable GradKernels interface', ()
     groupedMatmul: (...a) => (calls.push('groupedMatmul'), refKernels.groupedMatmul(...a)),
     groupedMatmulBackward: (...a) => (calls.push('groupedMatmulBackward'), refKernels.groupedMatmulBackward(...a)),
     softmaxRows: (...a) => (calls.push('softmaxRows'), refKernels.softmaxRows(...a)),
+    attentionForward: (...a) => (calls.push('attentionForward'), refKernels.attentionForward(...a)),
+    attentionBackward: (...a) => (calls.push('attentionBackward'), refKernels.attentionBackward(...a)),
   };
   const prev = setGradKernels(spy);
   try {
@@ -129,10 +131,12 @@ test('kernels: the matmuls go through the replaceable GradKernels interface', ()
     const g = moe.groupedLinear(x, randVar(rng, [2, 5, 4]), Int32Array.from([0, 1, 3]));
     ops.sum(ops.add(ops.sum(y), ops.sum(g))).backward();
     losses.crossEntropy(y, Int32Array.from([0, 1, 1])).backward();
+    const qkv = randVar(rng, [4, 4]);
+    ops.sum(ops.attention(qkv, qkv, qkv, { batch: 2, seqLen: 2, nHeads: 2, nKvHeads: 2, headDim: 2, slidingWindow: null })).backward();
   } finally {
     setGradKernels(prev);
   }
-  assert.deepEqual([...new Set(calls)].sort(), ['groupedMatmul', 'groupedMatmulBackward', 'matmul', 'matmulBackward', 'softmaxRows']);
+  assert.deepEqual([...new Set(calls)].sort(), ['attentionBackward', 'attentionForward', 'groupedMatmul', 'groupedMatmulBackward', 'matmul', 'matmulBackward', 'softmaxRows']);
 });
 
 test('kernels: the grouped GEMM equals one dense matmul per expert', () => {

@@ -84,6 +84,33 @@ test('native softmax rows: log-normalisers and probabilities match ref (large an
   }
 });
 
+test('native training attention and its backward (GQA, sliding window, missing gradients) match ref', { skip }, () => {
+  const k = nk();
+  const rng = new Rng(9);
+  for (const d of [
+    { batch: 1, seqLen: 1, nHeads: 1, nKvHeads: 1, headDim: 4, slidingWindow: null },
+    { batch: 2, seqLen: 9, nHeads: 4, nKvHeads: 2, headDim: 8, slidingWindow: null },
+    { batch: 3, seqLen: 16, nHeads: 6, nKvHeads: 1, headDim: 5, slidingWindow: 4 },
+    { batch: 2, seqLen: 33, nHeads: 4, nKvHeads: 4, headDim: 32, slidingWindow: null },
+  ]) {
+    const rows = d.batch * d.seqLen, qn = rows * d.nHeads * d.headDim, kn = rows * d.nKvHeads * d.headDim;
+    const q = rnd(rng, qn), kk = rnd(rng, kn), v = rnd(rng, kn), g = rnd(rng, qn);
+    const probs = d.batch * d.nHeads * d.seqLen * d.seqLen;
+    const o1 = new Float32Array(qn), o2 = new Float32Array(qn), p1 = new Float64Array(probs), p2 = new Float64Array(probs);
+    refKernels.attentionForward(o1, p1, q, kk, v, d);
+    k.attentionForward(o2, p2, q, kk, v, d);
+    assert.ok(rel(o2, o1) < 1e-6 && rel(p2, p1) < 1e-12, `forward ${JSON.stringify(d)}: out ${rel(o2, o1)} probs ${rel(p2, p1)}`);
+    const grads = () => [rnd(new Rng(10), qn), rnd(new Rng(11), kn), rnd(new Rng(12), kn)];
+    const [dq1, dk1, dv1] = grads(), [dq2, dk2, dv2] = grads();
+    refKernels.attentionBackward(g, p1, q, kk, v, dq1, dk1, dv1, d);
+    k.attentionBackward(g, p2, q, kk, v, dq2, dk2, dv2, d);
+    assert.ok(rel(dq2, dq1) < 1e-6 && rel(dk2, dk1) < 1e-6 && rel(dv2, dv1) < 1e-6, `backward ${JSON.stringify(d)}`);
+    const [, dk3] = grads();
+    k.attentionBackward(g, p2, q, kk, v, null, dk3, null, d); // only dk wanted
+    assert.deepEqual(dk3, dk2);
+  }
+});
+
 test('Float64 inputs (gradient checks) go to ref unchanged', { skip }, () => {
   const k = nk();
   const x = Float64Array.from([1, 2, 3, 4]), w = Float64Array.from([0.5, -1]);

@@ -189,6 +189,62 @@ static napi_value js_transpose(napi_env env, napi_callback_info info) {
   return undef(env);
 }
 
+/** An optional Float32Array argument (null / undefined: NULL) of at least `want` elements. */
+static float *opt_f32(args_t *a, size_t i, const char *what, long long want) {
+  napi_valuetype t;
+  if (a->failed || napi_typeof(a->env, a->argv[i], &t) != napi_ok || t == napi_null || t == napi_undefined) return NULL;
+  size_t n = 0;
+  float *p = typed(a, i, napi_float32_array, what, &n);
+  if (p && !need(a, what, n, want)) return NULL;
+  return p;
+}
+
+// trainAttention(out, probs: Float64Array, q, k, v, B, T, H, KV, hd, window) and
+// trainAttentionBackward(g, probs, q, k, v, dq | null, dk | null, dv | null, B, T, H, KV, hd, window)
+static int att_dims(args_t *a, size_t i0, long long d[6]) {
+  const char *names[6] = {"B", "T", "H", "KV", "hd", "window"};
+  for (int i = 0; i < 6; i++) d[i] = integer(a, i0 + i, names[i], i == 5 ? 0 : 1, DIM_MAX);
+  if (a->failed) return 0;
+  if (d[2] % d[3]) { fail(a, 1, "H %lld is not a multiple of KV %lld", d[2], d[3]); return 0; }
+  if (d[0] * d[1] > DIM_MAX || d[0] * d[2] * d[1] * d[1] > (1LL << 40)) { fail(a, 1, "attention too large"); return 0; }
+  return 1;
+}
+
+static napi_value js_train_attention(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "trainAttention", 11)) return NULL;
+  long long d[6];
+  size_t no = 0, np = 0, nq = 0, nk = 0, nv = 0;
+  float *out = typed(&a, 0, napi_float32_array, "out", &no);
+  double *probs = typed(&a, 1, napi_float64_array, "probs", &np);
+  const float *q = typed(&a, 2, napi_float32_array, "q", &nq), *k = typed(&a, 3, napi_float32_array, "k", &nk), *v = typed(&a, 4, napi_float32_array, "v", &nv);
+  if (a.failed || !att_dims(&a, 5, d)) return NULL;
+  const long long rows = d[0] * d[1];
+  if (!need(&a, "out", no, rows * d[2] * d[4]) || !need(&a, "q", nq, rows * d[2] * d[4]) || !need(&a, "k", nk, rows * d[3] * d[4]) ||
+      !need(&a, "v", nv, rows * d[3] * d[4]) || !need(&a, "probs", np, d[0] * d[2] * d[1] * d[1]))
+    return NULL;
+  moe_train_attention(out, probs, q, k, v, (int)d[0], (int)d[1], (int)d[2], (int)d[3], (int)d[4], (int)d[5]);
+  return undef(env);
+}
+
+static napi_value js_train_attention_backward(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "trainAttentionBackward", 14)) return NULL;
+  long long d[6];
+  size_t ng = 0, np = 0, nq = 0, nk = 0, nv = 0;
+  const float *g = typed(&a, 0, napi_float32_array, "g", &ng);
+  const double *probs = typed(&a, 1, napi_float64_array, "probs", &np);
+  const float *q = typed(&a, 2, napi_float32_array, "q", &nq), *k = typed(&a, 3, napi_float32_array, "k", &nk), *v = typed(&a, 4, napi_float32_array, "v", &nv);
+  if (a.failed || !att_dims(&a, 8, d)) return NULL;
+  const long long rows = d[0] * d[1], qn = rows * d[2] * d[4], kn = rows * d[3] * d[4];
+  float *dq = opt_f32(&a, 5, "dq", qn), *dk = opt_f32(&a, 6, "dk", kn), *dv = opt_f32(&a, 7, "dv", kn);
+  if (a.failed || !need(&a, "g", ng, qn) || !need(&a, "q", nq, qn) || !need(&a, "k", nk, kn) || !need(&a, "v", nv, kn) ||
+      !need(&a, "probs", np, d[0] * d[2] * d[1] * d[1]))
+    return NULL;
+  moe_train_attention_backward(g, probs, q, k, v, dq, dk, dv, (int)d[0], (int)d[1], (int)d[2], (int)d[3], (int)d[4], (int)d[5]);
+  return undef(env);
+}
+
 // softmaxRows(x, rows, n, lse: Float64Array, probs: Float32Array | null)
 static napi_value js_softmax_rows(napi_env env, napi_callback_info info) {
   args_t a;
@@ -382,7 +438,8 @@ NAPI_MODULE_INIT() {
       {"matmul", js_matmul}, {"rmsNorm", js_rmsnorm}, {"rope", js_rope}, {"attention", js_attention},
       {"moeFFN", js_moe}, {"setThreads", js_set_threads}, {"setKernels", js_set_kernels}, {"setMoeChunk", js_set_moe_chunk},
       {"supports", js_supports}, {"info", js_info}, {"mmap", moe_napi_mmap},
-      {"transpose", js_transpose}, {"softmaxRows", js_softmax_rows},
+      {"transpose", js_transpose}, {"softmaxRows", js_softmax_rows}, {"trainAttention", js_train_attention},
+      {"trainAttentionBackward", js_train_attention_backward},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn;

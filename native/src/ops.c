@@ -712,3 +712,96 @@ void moe_softmax_rows(const float *x, int rows, int n, double *lse, float *probs
   smr_t c = {x, probs, lse, n};
   parallel_for(rows, 8.0 * n, smr_range, &c);
 }
+
+// Training attention (src/autograd/ops.ts attention): the same loops as refKernels, in double like the TypeScript,
+// one task per (sequence, kv head) so the heads sharing a kv head never write the same dk / dv rows concurrently.
+typedef struct {
+  float *out;
+  double *probs; // [B, H, T, T], zero where masked
+  const float *q, *k, *v, *g;
+  float *dq, *dk, *dv;
+  int B, T, H, KV, hd, win;
+} tatt_t;
+
+static void tatt_fwd_range(void *p, int t0, int t1) {
+  tatt_t *c = p;
+  const int T = c->T, H = c->H, hd = c->hd, group = c->H / c->KV, qs = c->H * hd, ks = c->KV * hd;
+  const double scale = 1.0 / sqrt((double)hd);
+  double *acc = scratch(S_ATT, (size_t)hd * sizeof(double) + 64);
+  if (!acc) abort();
+  for (int t = t0; t < t1; t++) {
+    const int b = t / c->KV, kvh = t % c->KV;
+    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+      for (int i = 0; i < T; i++) {
+        const size_t qo = (size_t)(b * T + i) * qs + (size_t)h * hd, po = ((size_t)(b * H + h) * T + i) * T;
+        const int j0 = c->win > 0 && i - c->win + 1 > 0 ? i - c->win + 1 : 0;
+        double mx = -INFINITY;
+        for (int j = j0; j <= i; j++) {
+          const float *kr = c->k + (size_t)(b * T + j) * ks + (size_t)kvh * hd;
+          double s = 0;
+          for (int d = 0; d < hd; d++) s += (double)c->q[qo + d] * kr[d];
+          s *= scale;
+          c->probs[po + j] = s;
+          if (s > mx) mx = s;
+        }
+        double sum = 0;
+        for (int j = j0; j <= i; j++) sum += (c->probs[po + j] = exp(c->probs[po + j] - mx));
+        for (int j = j0; j <= i; j++) c->probs[po + j] /= sum;
+        for (int d = 0; d < hd; d++) acc[d] = 0;
+        for (int j = j0; j <= i; j++) {
+          const double pj = c->probs[po + j];
+          const float *vr = c->v + (size_t)(b * T + j) * ks + (size_t)kvh * hd;
+          for (int d = 0; d < hd; d++) acc[d] += pj * vr[d];
+        }
+        for (int d = 0; d < hd; d++) c->out[qo + d] = (float)acc[d];
+      }
+    }
+  }
+}
+
+static void tatt_bwd_range(void *p, int t0, int t1) {
+  tatt_t *c = p;
+  const int T = c->T, H = c->H, hd = c->hd, group = c->H / c->KV, qs = c->H * hd, ks = c->KV * hd;
+  const double scale = 1.0 / sqrt((double)hd);
+  double *dp = scratch(S_ATT, (size_t)T * sizeof(double) + 64);
+  if (!dp) abort();
+  for (int t = t0; t < t1; t++) {
+    const int b = t / c->KV, kvh = t % c->KV;
+    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+      for (int i = 0; i < T; i++) {
+        const size_t qo = (size_t)(b * T + i) * qs + (size_t)h * hd, po = ((size_t)(b * H + h) * T + i) * T;
+        const int j0 = c->win > 0 && i - c->win + 1 > 0 ? i - c->win + 1 : 0;
+        const float *gr = c->g + qo;
+        double dot = 0;
+        for (int j = j0; j <= i; j++) {
+          const size_t vo = (size_t)(b * T + j) * ks + (size_t)kvh * hd;
+          double s = 0;
+          for (int d = 0; d < hd; d++) s += (double)gr[d] * c->v[vo + d];
+          dp[j] = s;
+          const double pj = c->probs[po + j];
+          dot += pj * s;
+          if (c->dv) for (int d = 0; d < hd; d++) c->dv[vo + d] = (float)((double)c->dv[vo + d] + pj * gr[d]);
+        }
+        for (int j = j0; j <= i; j++) {
+          const double ds = c->probs[po + j] * (dp[j] - dot) * scale;
+          if (ds == 0) continue;
+          const size_t ko = (size_t)(b * T + j) * ks + (size_t)kvh * hd;
+          if (c->dq) for (int d = 0; d < hd; d++) c->dq[qo + d] = (float)((double)c->dq[qo + d] + ds * c->k[ko + d]);
+          if (c->dk) for (int d = 0; d < hd; d++) c->dk[ko + d] = (float)((double)c->dk[ko + d] + ds * c->q[qo + d]);
+        }
+      }
+    }
+  }
+}
+
+void moe_train_attention(float *out, double *probs, const float *q, const float *k, const float *v, int B, int T, int H,
+                         int KV, int hd, int win) {
+  tatt_t c = {out, probs, q, k, v, NULL, NULL, NULL, NULL, B, T, H, KV, hd, win};
+  parallel_for(B * KV, 2.0 * (H / KV) * T * T * hd, tatt_fwd_range, &c);
+}
+
+void moe_train_attention_backward(const float *g, const double *probs, const float *q, const float *k, const float *v,
+                                  float *dq, float *dk, float *dv, int B, int T, int H, int KV, int hd, int win) {
+  tatt_t c = {NULL, (double *)probs, q, k, v, g, dq, dk, dv, B, T, H, KV, hd, win};
+  parallel_for(B * KV, 4.0 * (H / KV) * T * T * hd, tatt_bwd_range, &c);
+}

@@ -79,6 +79,13 @@ void moe_transpose_f32(float *dst, const float *src, int rows, int cols);
 /** For each row of x[rows, n]: lse[r] = log sum exp(x[r]); probs[r] = exp(x[r] - lse[r]) when probs is not NULL. */
 void moe_softmax_rows(const float *x, int rows, int n, double *lse, float *probs);
 
+/** Training attention (causal GQA, window 0 = none) over B sequences of T rows; probs [B, H, T, T] are written. */
+void moe_train_attention(float *out, double *probs, const float *q, const float *k, const float *v, int B, int T, int H,
+                         int KV, int hd, int win);
+/** Its backward: adds into dq / dk / dv (any of them NULL to skip). */
+void moe_train_attention_backward(const float *g, const double *probs, const float *q, const float *k, const float *v,
+                                  float *dq, float *dk, float *dv, int B, int T, int H, int KV, int hd, int win);
+
 /** Rows per MoE chunk (0: automatic, ~64 MB buffers). For tests of the chunk boundaries. */
 void moe_set_moe_chunk(int rows);
 /** Selects the float kernel set ("generic", "avx2", "avx512", "auto"); 0 when this CPU lacks it. For tests. */

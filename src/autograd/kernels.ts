@@ -7,6 +7,17 @@
 
 import type { Float } from './tape.js';
 
+/** The shape of a training attention call (see ops.ts attention). */
+export interface AttentionDims {
+  batch: number;
+  seqLen: number;
+  nHeads: number;
+  nKvHeads: number;
+  headDim: number;
+  /** Key j is visible from query i iff j <= i and (null or i - j < slidingWindow). */
+  slidingWindow: number | null;
+}
+
 export interface GradKernels {
   readonly name: string;
   /** y[m, n] = x[m, k] W[n, k]^T (overwrites y). */
@@ -25,6 +36,13 @@ export interface GradKernels {
    * given, probs[r, j] = exp(x[r, j] - lse[r]).
    */
   softmaxRows(x: Float, rows: number, n: number, lse: Float64Array, probs: Float | null): void;
+  /**
+   * Causal grouped-query attention: q [B*T, H*hd], k and v [B*T, KV*hd] -> out [B*T, H*hd]; scores scaled by
+   * 1/sqrt(hd); probs [B, H, T, T] receives the attention probabilities (zero where masked) for the backward.
+   */
+  attentionForward(out: Float, probs: Float64Array, q: Float, k: Float, v: Float, d: AttentionDims): void;
+  /** Adds the gradients of q, k and v (null: not wanted) for the output gradient g. */
+  attentionBackward(g: Float, probs: Float64Array, q: Float, k: Float, v: Float, dq: Float | null, dk: Float | null, dv: Float | null, d: AttentionDims): void;
 }
 
 /**
@@ -70,6 +88,82 @@ export const refKernels: GradKernels = {
       for (let j = 0; j < n; j++) sum += Math.exp(x[o + j] - max);
       lse[r] = max === -Infinity ? -Infinity : max + Math.log(sum);
       if (probs) for (let j = 0; j < n; j++) probs[o + j] = Math.exp(x[o + j] - lse[r]);
+    }
+  },
+
+  attentionForward(out, probs, qd, kd, vd, d) {
+    const { batch: B, seqLen: T, nHeads: H, nKvHeads: KV, headDim: hd, slidingWindow: win } = d;
+    const qs = H * hd, ks = KV * hd, group = H / KV;
+    const scale = 1 / Math.sqrt(hd);
+    for (let b = 0; b < B; b++) {
+      for (let h = 0; h < H; h++) {
+        const kvh = Math.floor(h / group);
+        for (let i = 0; i < T; i++) {
+          const qo = (b * T + i) * qs + h * hd;
+          const po = ((b * H + h) * T + i) * T;
+          const j0 = win === null ? 0 : Math.max(0, i - win + 1);
+          let max = -Infinity;
+          for (let j = j0; j <= i; j++) {
+            const ko = (b * T + j) * ks + kvh * hd;
+            let s = 0;
+            for (let e = 0; e < hd; e++) s += qd[qo + e] * kd[ko + e];
+            s *= scale;
+            probs[po + j] = s;
+            if (s > max) max = s;
+          }
+          let sum = 0;
+          for (let j = j0; j <= i; j++) {
+            const e = Math.exp(probs[po + j] - max);
+            probs[po + j] = e;
+            sum += e;
+          }
+          for (let j = j0; j <= i; j++) probs[po + j] /= sum;
+          const acc = new Float64Array(hd);
+          for (let j = j0; j <= i; j++) {
+            const pj = probs[po + j];
+            const vo = (b * T + j) * ks + kvh * hd;
+            for (let e = 0; e < hd; e++) acc[e] += pj * vd[vo + e];
+          }
+          for (let e = 0; e < hd; e++) out[qo + e] = acc[e];
+        }
+      }
+    }
+  },
+
+  attentionBackward(g, probs, qd, kd, vd, dq, dk, dv, d) {
+    const { batch: B, seqLen: T, nHeads: H, nKvHeads: KV, headDim: hd, slidingWindow: win } = d;
+    const qs = H * hd, ks = KV * hd, group = H / KV;
+    const scale = 1 / Math.sqrt(hd);
+    const dp = new Float64Array(T);
+    for (let b = 0; b < B; b++) {
+      for (let h = 0; h < H; h++) {
+        const kvh = Math.floor(h / group);
+        for (let i = 0; i < T; i++) {
+          const qo = (b * T + i) * qs + h * hd;
+          const po = ((b * H + h) * T + i) * T;
+          const j0 = win === null ? 0 : Math.max(0, i - win + 1);
+          // dP_ij = dO_i . V_j ; dV_j += P_ij dO_i ; dS = P (dP - sum_j P dP).
+          let dot = 0;
+          for (let j = j0; j <= i; j++) {
+            const vo = (b * T + j) * ks + kvh * hd;
+            let s = 0;
+            for (let e = 0; e < hd; e++) s += g[qo + e] * vd[vo + e];
+            dp[j] = s;
+            dot += probs[po + j] * s;
+            if (dv) {
+              const pj = probs[po + j];
+              for (let e = 0; e < hd; e++) dv[vo + e] += pj * g[qo + e];
+            }
+          }
+          for (let j = j0; j <= i; j++) {
+            const ds = probs[po + j] * (dp[j] - dot) * scale;
+            if (ds === 0) continue;
+            const ko = (b * T + j) * ks + kvh * hd;
+            if (dq) for (let e = 0; e < hd; e++) dq[qo + e] += ds * kd[ko + e];
+            if (dk) for (let e = 0; e < hd; e++) dk[ko + e] += ds * qd[qo + e];
+          }
+        }
+      }
     }
   },
 };

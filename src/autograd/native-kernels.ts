@@ -70,6 +70,15 @@ export function nativeGradKernels(): GradKernels | null {
         if (rows > 0) backward(dy as Float32Array, r0 * n, x as Float32Array, r0 * k, w as Float32Array, e * n * k, rows, k, n, dx as Float32Array | null, dw as Float32Array | null);
       }
     },
+    attentionForward(out, probs, q, k, v, d) {
+      if (!f32(out, q, k, v)) return refKernels.attentionForward(out, probs, q, k, v, d);
+      addon.trainAttention(out as Float32Array, probs, q as Float32Array, k as Float32Array, v as Float32Array, d.batch, d.seqLen, d.nHeads, d.nKvHeads, d.headDim, d.slidingWindow ?? 0);
+    },
+    attentionBackward(g, probs, q, k, v, dq, dk, dv, d) {
+      if (!f32(g, q, k, v, dq, dk, dv)) return refKernels.attentionBackward(g, probs, q, k, v, dq, dk, dv, d);
+      addon.trainAttentionBackward(g as Float32Array, probs, q as Float32Array, k as Float32Array, v as Float32Array, dq as Float32Array | null,
+        dk as Float32Array | null, dv as Float32Array | null, d.batch, d.seqLen, d.nHeads, d.nKvHeads, d.headDim, d.slidingWindow ?? 0);
+    },
     softmaxRows(x, rows, n, lse, probs) {
       if (!f32(x, probs) || n === 0) return refKernels.softmaxRows(x, rows, n, lse, probs);
       addon.softmaxRows(x as Float32Array, rows, n, lse, probs as Float32Array | null);

@@ -3,7 +3,7 @@
 // [out, in]. The matmuls go through gradKernels() so a native backend can take them over.
 
 import { alloc, gradOf, numelOf, record, samePrecision, Var, type Float } from './tape.js';
-import { gradKernels } from './kernels.js';
+import { gradKernels, type AttentionDims } from './kernels.js';
 
 function check2D(op: string, v: Var, what: string, cols?: number): [number, number] {
   if (v.shape.length !== 2) throw new Error(`${op}: ${what} must be 2-D, got [${v.shape.join(', ')}]`);
@@ -144,6 +144,8 @@ export function rope(x: Var, nHeads: number, headDim: number, positions: ArrayLi
 // ---------------------------------------------------------------------------------------------------------------
 // Attention
 
+export type { AttentionDims } from './kernels.js';
+
 export interface AttentionOptions {
   /** Independent sequences stacked as rows: rows = batch * seqLen, sequence b holds rows b*seqLen .. */
   batch: number;
@@ -171,80 +173,12 @@ export function attention(q: Var, k: Var, v: Var, o: AttentionOptions): Var {
   check2D('attention', v, 'v', ks);
   if (q.shape[0] !== B * T || k.shape[0] !== B * T || v.shape[0] !== B * T) throw new Error(`attention: q/k/v need ${B} x ${T} rows`);
   if (win !== null && !(Number.isInteger(win) && win > 0)) throw new Error(`attention: sliding window ${win} must be a positive integer or null`);
-  const group = H / KV;
-  const qd = q.data, kd = k.data, vd = v.data; // hoisted: property loads in the hot loops cost
-  const scale = 1 / Math.sqrt(hd);
-  const first = (i: number) => (win === null ? 0 : Math.max(0, i - win + 1));
-  const probs = new Float64Array(B * H * T * T); // [b, h, i, j], zero where masked
+  const dims: AttentionDims = { batch: B, seqLen: T, nHeads: H, nKvHeads: KV, headDim: hd, slidingWindow: win };
+  const probs = new Float64Array(B * H * T * T); // [b, h, i, j], zero where masked; kept for backward
   const out = alloc(p, B * T * qs);
-  for (let b = 0; b < B; b++) {
-    for (let h = 0; h < H; h++) {
-      const kvh = Math.floor(h / group);
-      for (let i = 0; i < T; i++) {
-        const qo = (b * T + i) * qs + h * hd;
-        const po = ((b * H + h) * T + i) * T;
-        const j0 = first(i);
-        let max = -Infinity;
-        for (let j = j0; j <= i; j++) {
-          const ko = (b * T + j) * ks + kvh * hd;
-          let s = 0;
-          for (let d = 0; d < hd; d++) s += qd[qo + d] * kd[ko + d];
-          s *= scale;
-          probs[po + j] = s;
-          if (s > max) max = s;
-        }
-        let sum = 0;
-        for (let j = j0; j <= i; j++) {
-          const e = Math.exp(probs[po + j] - max);
-          probs[po + j] = e;
-          sum += e;
-        }
-        for (let j = j0; j <= i; j++) probs[po + j] /= sum;
-        const acc = new Float64Array(hd);
-        for (let j = j0; j <= i; j++) {
-          const pj = probs[po + j];
-          const vo = (b * T + j) * ks + kvh * hd;
-          for (let d = 0; d < hd; d++) acc[d] += pj * vd[vo + d];
-        }
-        for (let d = 0; d < hd; d++) out[qo + d] = acc[d];
-      }
-    }
-  }
+  gradKernels().attentionForward(out, probs, q.data, k.data, v.data, dims);
   return record('attention', out, [B * T, qs], [q, k, v], (g) => {
-    const dq = gradOf(q);
-    const dk = gradOf(k);
-    const dv = gradOf(v);
-    const dp = new Float64Array(T);
-    for (let b = 0; b < B; b++) {
-      for (let h = 0; h < H; h++) {
-        const kvh = Math.floor(h / group);
-        for (let i = 0; i < T; i++) {
-          const qo = (b * T + i) * qs + h * hd;
-          const po = ((b * H + h) * T + i) * T;
-          const j0 = first(i);
-          // dP_ij = dO_i . V_j ; dV_j += P_ij dO_i ; dS = P (dP - sum_j P dP).
-          let dot = 0;
-          for (let j = j0; j <= i; j++) {
-            const vo = (b * T + j) * ks + kvh * hd;
-            let s = 0;
-            for (let d = 0; d < hd; d++) s += g[qo + d] * vd[vo + d];
-            dp[j] = s;
-            dot += probs[po + j] * s;
-            if (dv) {
-              const pj = probs[po + j];
-              for (let d = 0; d < hd; d++) dv[vo + d] += pj * g[qo + d];
-            }
-          }
-          for (let j = j0; j <= i; j++) {
-            const ds = probs[po + j] * (dp[j] - dot) * scale;
-            if (ds === 0) continue;
-            const ko = (b * T + j) * ks + kvh * hd;
-            if (dq) for (let d = 0; d < hd; d++) dq[qo + d] += ds * kd[ko + d];
-            if (dk) for (let d = 0; d < hd; d++) dk[ko + d] += ds * qd[qo + d];
-          }
-        }
-      }
-    }
+    gradKernels().attentionBackward(g, probs, q.data, k.data, v.data, gradOf(q), gradOf(k), gradOf(v), dims);
   });
 }
 

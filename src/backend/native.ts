@@ -19,6 +19,10 @@ interface ComputeAddon {
   transpose(dst: Float32Array, src: Float32Array, rows: number, cols: number): void;
   /** Training: lse[r] = log sum exp(x[r, :]); probs[r, :] = exp(x[r, :] - lse[r]) when given. */
   softmaxRows(x: Float32Array, rows: number, n: number, lse: Float64Array, probs: Float32Array | null): void;
+  /** Training: causal GQA attention over B sequences of T rows (window 0 = none); probs [B, H, T, T]. */
+  trainAttention(out: Float32Array, probs: Float64Array, q: Float32Array, k: Float32Array, v: Float32Array, B: number, T: number, H: number, KV: number, hd: number, window: number): void;
+  trainAttentionBackward(g: Float32Array, probs: Float64Array, q: Float32Array, k: Float32Array, v: Float32Array, dq: Float32Array | null, dk: Float32Array | null, dv: Float32Array | null,
+    B: number, T: number, H: number, KV: number, hd: number, window: number): void;
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void;
   rope(x: Float32Array, rows: number, nHeads: number, headDim: number, positions: Int32Array, theta: number): void;
   attention(out: Float32Array, q: Float32Array, rows: number, start: number, k: Float32Array, v: Float32Array,
@@ -44,7 +48,7 @@ export interface NativeInfo {
   features: Record<string, number>;
 }
 
-const FUNCTIONS = ['matmul', 'transpose', 'softmaxRows', 'rmsNorm', 'rope', 'attention', 'moeFFN', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
+const FUNCTIONS = ['matmul', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'rmsNorm', 'rope', 'attention', 'moeFFN', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
 
 let compute: ComputeAddon | null | undefined;
 let computeError: string | null = null;
