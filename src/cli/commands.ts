@@ -13,6 +13,7 @@ import { convertCommand } from '../workflows/convert.js';
 import { quantizeCommand } from '../workflows/quantize.js';
 import { defaultModelPath } from '../workflows/default-model.js';
 import { dataCommand } from '../workflows/corpus.js';
+import { instructDataCommand } from '../workflows/instruct.js';
 import { DEFAULT_SERVER_OPTIONS, startServer } from '../server/http.js';
 import { trainCommand } from '../workflows/train.js';
 import { evalCommand } from '../workflows/eval.js';
@@ -267,7 +268,8 @@ export const commands: Record<string, Command> = {
   logits,
   tokenize,
   convert: convertCommand,
-  data: dataCommand,
+  // `moe data instruct` builds instruction-tuning data; every other `moe data` subcommand is the corpus's.
+  data: (argv) => (argv[0] === 'instruct' ? instructDataCommand(argv.slice(1)) : dataCommand(argv)),
   quantize: quantizeCommand,
   start,
 };

@@ -21,6 +21,7 @@ Usage: moe <command> [options]       (<m> is a GGUF file or a Hugging Face check
   quantize <in.gguf> <out.gguf> --type q8_0|q4_0|q4_k|q5_k|q6_k|q4_k_m|... [--dry-run]
                                            llama-quantize's tensor-type rules, byte-identical output
   data build --out <dir>                   tokenize the bundled multilingual corpus into shards
+  data instruct --out <dir> [--seed N] [--per-task N]   FLAN-style instruction data (held-out tasks apart)
   train --config <preset|json> --data <dir> --out <dir> [--steps N] [--resume]
                                            train an MoE (or dense) model; checkpoints, loss curves, load heatmap
   eval --model <m> --data <dir> [--window N] [--json]   perplexity per language on the validation shards
