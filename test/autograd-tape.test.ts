@@ -12,6 +12,7 @@ import * as moe from '../src/autograd/moe.js';
 import * as losses from '../src/autograd/losses.js';
 import { mixtralTrainConfig, trainConfigProblems, MixtralTrain } from '../src/model/mixtral-train.js';
 import type { MixtralConfig } from '../src/model/config.js';
+import { AdamW } from '../src/workflows/optimizer.js';
 
 function f64(values: number[], shape: number[], requiresGrad = true): Var {
   return new Var(Float64Array.from(values), shape, requiresGrad);
@@ -121,6 +122,8 @@ test('kernels: the matmuls go through the replaceable GradKernels interface', ()
     softmaxRows: (...a) => (calls.push('softmaxRows'), refKernels.softmaxRows(...a)),
     attentionForward: (...a) => (calls.push('attentionForward'), refKernels.attentionForward(...a)),
     attentionBackward: (...a) => (calls.push('attentionBackward'), refKernels.attentionBackward(...a)),
+    crossEntropyBackward: (...a) => (calls.push('crossEntropyBackward'), refKernels.crossEntropyBackward(...a)),
+    adamw: (...a) => (calls.push('adamw'), refKernels.adamw(...a)),
   };
   const prev = setGradKernels(spy);
   try {
@@ -133,10 +136,11 @@ test('kernels: the matmuls go through the replaceable GradKernels interface', ()
     losses.crossEntropy(y, Int32Array.from([0, 1, 1])).backward();
     const qkv = randVar(rng, [4, 4]);
     ops.sum(ops.attention(qkv, qkv, qkv, { batch: 2, seqLen: 2, nHeads: 2, nKvHeads: 2, headDim: 2, slidingWindow: null })).backward();
+    new AdamW([{ name: 'x', data: x.data, grad: x.grad, decay: true }]).step(1e-3);
   } finally {
     setGradKernels(prev);
   }
-  assert.deepEqual([...new Set(calls)].sort(), ['attentionBackward', 'attentionForward', 'groupedMatmul', 'groupedMatmulBackward', 'matmul', 'matmulBackward', 'softmaxRows']);
+  assert.deepEqual([...new Set(calls)].sort(), ['adamw', 'attentionBackward', 'attentionForward', 'crossEntropyBackward', 'groupedMatmul', 'groupedMatmulBackward', 'matmul', 'matmulBackward', 'softmaxRows']);
 });
 
 test('kernels: the grouped GEMM equals one dense matmul per expert', () => {

@@ -111,6 +111,33 @@ test('native training attention and its backward (GQA, sliding window, missing g
   }
 });
 
+test('native cross-entropy backward and AdamW are bit-identical to ref (ignored rows, bad targets refused)', { skip }, () => {
+  const k = nk();
+  const rng = new Rng(9);
+  const rows = 37, n = 1001;
+  const probs = Float32Array.from({ length: rows * n }, () => rng.uniform());
+  const targets = Int32Array.from({ length: rows }, (_, i) => (i % 5 === 3 ? -100 : rng.int(n)));
+  const dz1 = rnd(rng, rows * n), dz2 = Float32Array.from(dz1);
+  refKernels.crossEntropyBackward(dz1, probs, targets, rows, n, 0.37);
+  k.crossEntropyBackward(dz2, probs, targets, rows, n, 0.37);
+  assert.deepEqual(dz2, dz1);
+  assert.throws(() => k.crossEntropyBackward(dz2, probs, Int32Array.from({ length: rows }, () => n), rows, n, 1), /target/);
+  const own1 = Float32Array.from(probs), own2 = Float32Array.from(probs); // dz is probs: overwritten in place
+  refKernels.crossEntropyBackward(own1, own1, targets, rows, n, 0.37);
+  k.crossEntropyBackward(own2, own2, targets, rows, n, 0.37);
+  assert.deepEqual(own2, own1);
+  assert.equal(own1[3 * n + 5], 0); // row 3's target is ignored: zero gradient
+  assert.equal(own1[n + targets[1]], Math.fround(Math.fround(0.37 * probs[n + targets[1]]) - 0.37));
+
+  const len = 70001; // several threads' chunks and a ragged end
+  const p1 = rnd(rng, len), g = rnd(rng, len), m1 = rnd(rng, len), v1 = Float32Array.from({ length: len }, () => rng.uniform());
+  const p2 = Float32Array.from(p1), m2 = Float32Array.from(m1), v2 = Float32Array.from(v1);
+  const h = { beta1: 0.9, beta2: 0.95, stepSize: 1e-3 / (1 - 0.9 ** 3), bc2Sqrt: Math.sqrt(1 - 0.95 ** 3), eps: 1e-8, decay: 1 - 1e-4 };
+  refKernels.adamw(p1, g, m1, v1, h);
+  k.adamw(p2, g, m2, v2, h);
+  assert.deepEqual([p2, m2, v2], [p1, m1, v1]);
+});
+
 test('Float64 inputs (gradient checks) go to ref unchanged', { skip }, () => {
   const k = nk();
   const x = Float64Array.from([1, 2, 3, 4]), w = Float64Array.from([0.5, -1]);

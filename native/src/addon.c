@@ -261,6 +261,39 @@ static napi_value js_softmax_rows(napi_env env, napi_callback_info info) {
   return undef(env);
 }
 
+// crossEntropyBackward(dz, probs, targets: Int32Array, rows, n, c)
+static napi_value js_ce_backward(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "crossEntropyBackward", 6)) return NULL;
+  size_t nd = 0, np = 0, nt = 0;
+  float *dz = typed(&a, 0, napi_float32_array, "dz", &nd);
+  const float *probs = typed(&a, 1, napi_float32_array, "probs", &np);
+  const int32_t *targets = typed(&a, 2, napi_int32_array, "targets", &nt);
+  long long rows = integer(&a, 3, "rows", 0, DIM_MAX), n = integer(&a, 4, "n", 1, DIM_MAX);
+  double c = number(&a, 5, "c");
+  if (a.failed || !need(&a, "dz", nd, rows * n) || !need(&a, "probs", np, rows * n) || !need(&a, "targets", nt, rows)) return NULL;
+  for (long long r = 0; r < rows; r++)
+    if (targets[r] >= n) { fail(&a, 1, "target %d at row %lld is outside 0..%lld", targets[r], r, n - 1); return NULL; }
+  if (rows > 0) moe_cross_entropy_backward(dz, probs, targets, (int)rows, (int)n, c);
+  return undef(env);
+}
+
+// adamw(p, g, m, v, beta1, beta2, stepSize, bc2Sqrt, eps, decay): all four Float32Arrays of p's length
+static napi_value js_adamw(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "adamw", 10)) return NULL;
+  size_t np = 0, ng = 0, nm = 0, nv = 0;
+  float *p = typed(&a, 0, napi_float32_array, "p", &np);
+  const float *g = typed(&a, 1, napi_float32_array, "g", &ng);
+  float *m = typed(&a, 2, napi_float32_array, "m", &nm), *v = typed(&a, 3, napi_float32_array, "v", &nv);
+  double h[6];
+  const char *names[6] = {"beta1", "beta2", "stepSize", "bc2Sqrt", "eps", "decay"};
+  for (int i = 0; i < 6; i++) h[i] = number(&a, 4 + i, names[i]);
+  if (a.failed || !need(&a, "g", ng, (long long)np) || !need(&a, "m", nm, (long long)np) || !need(&a, "v", nv, (long long)np)) return NULL;
+  moe_adamw_f32(p, g, m, v, (long long)np, h[0], h[1], h[2], h[3], h[4], h[5]);
+  return undef(env);
+}
+
 // rmsNorm(out, x, rows, weight, eps)
 static napi_value js_rmsnorm(napi_env env, napi_callback_info info) {
   args_t a;
@@ -439,7 +472,7 @@ NAPI_MODULE_INIT() {
       {"moeFFN", js_moe}, {"setThreads", js_set_threads}, {"setKernels", js_set_kernels}, {"setMoeChunk", js_set_moe_chunk},
       {"supports", js_supports}, {"info", js_info}, {"mmap", moe_napi_mmap},
       {"transpose", js_transpose}, {"softmaxRows", js_softmax_rows}, {"trainAttention", js_train_attention},
-      {"trainAttentionBackward", js_train_attention_backward},
+      {"trainAttentionBackward", js_train_attention_backward}, {"crossEntropyBackward", js_ce_backward}, {"adamw", js_adamw},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value fn;

@@ -713,6 +713,56 @@ void moe_softmax_rows(const float *x, int rows, int n, double *lse, float *probs
   parallel_for(rows, 8.0 * n, smr_range, &c);
 }
 
+// Cross-entropy backward (src/autograd/losses.ts): dz[r] += c * probs[r], dz[r, target] -= c, rows with a negative
+// target skipped (dz == probs: overwritten with c * probs, those rows zeroed); in double with one rounding per store, as the TypeScript does, so the two agree bit for bit.
+typedef struct { float *dz; const float *probs; const int32_t *targets; int n; double c; } ceb_t;
+static void ceb_range(void *p, int r0, int r1) {
+  ceb_t *a = p;
+  for (int r = r0; r < r1; r++) {
+    float *dz = a->dz + (size_t)r * a->n;
+    const float *pr = a->probs + (size_t)r * a->n;
+    if (a->targets[r] < 0) {
+      if (dz == pr) memset(dz, 0, (size_t)a->n * sizeof(float));
+      continue;
+    }
+    if (dz == pr)
+      for (int v = 0; v < a->n; v++) dz[v] = (float)(a->c * (double)pr[v]);
+    else
+      for (int v = 0; v < a->n; v++) dz[v] = (float)((double)dz[v] + a->c * (double)pr[v]);
+    dz[a->targets[r]] = (float)((double)dz[a->targets[r]] - a->c);
+  }
+}
+
+void moe_cross_entropy_backward(float *dz, const float *probs, const int32_t *targets, int rows, int n, double c) {
+  ceb_t a = {dz, probs, targets, n, c};
+  parallel_for(rows, 2.0 * n, ceb_range, &a);
+}
+
+// AdamW (src/workflows/optimizer.ts AdamW.step) over f32 parameters and moments, the same double arithmetic in the
+// same order (-ffp-contract=off keeps it unfused), so the update is bit-identical to the TypeScript loop.
+#define ADAMW_CHUNK 16384
+typedef struct { float *p; const float *g; float *m, *v; long long n; double b1, b2, step, bc2s, eps, decay; } adamw_t;
+static void adamw_range(void *q, int c0, int c1) {
+  adamw_t *a = q;
+  const long long j1 = (long long)c1 * ADAMW_CHUNK < a->n ? (long long)c1 * ADAMW_CHUNK : a->n;
+  const double ob1 = 1 - a->b1, ob2 = 1 - a->b2;
+  for (long long j = (long long)c0 * ADAMW_CHUNK; j < j1; j++) {
+    const double g = a->g[j];
+    const float m = (float)(a->b1 * (double)a->m[j] + ob1 * g);
+    const float v = (float)(a->b2 * (double)a->v[j] + ob2 * g * g);
+    a->m[j] = m;
+    a->v[j] = v;
+    a->p[j] = (float)((double)a->p[j] * a->decay - (a->step * (double)m) / (sqrt((double)v) / a->bc2s + a->eps));
+  }
+}
+
+void moe_adamw_f32(float *p, const float *g, float *m, float *v, long long n, double b1, double b2, double step,
+                   double bc2s, double eps, double decay) {
+  adamw_t a = {p, g, m, v, n, b1, b2, step, bc2s, eps, decay};
+  const long long chunks = (n + ADAMW_CHUNK - 1) / ADAMW_CHUNK;
+  if (chunks > 0) parallel_for((int)chunks, 8.0 * ADAMW_CHUNK, adamw_range, &a);
+}
+
 // Training attention (src/autograd/ops.ts attention): the same loops as refKernels, in double like the TypeScript,
 // one task per (sequence, kv head) so the heads sharing a kv head never write the same dk / dv rows concurrently.
 typedef struct {

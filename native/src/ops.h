@@ -79,6 +79,11 @@ void moe_transpose_f32(float *dst, const float *src, int rows, int cols);
 /** For each row of x[rows, n]: lse[r] = log sum exp(x[r]); probs[r] = exp(x[r] - lse[r]) when probs is not NULL. */
 void moe_softmax_rows(const float *x, int rows, int n, double *lse, float *probs);
 
+/** Cross-entropy backward: dz[r] += c probs[r]; dz[r, targets[r]] -= c; rows with targets[r] < 0 skipped. */
+void moe_cross_entropy_backward(float *dz, const float *probs, const int32_t *targets, int rows, int n, double c);
+/** One AdamW update of n f32 parameters (optimizer.ts AdamW.step, bit-identical). */
+void moe_adamw_f32(float *p, const float *g, float *m, float *v, long long n, double b1, double b2, double step,
+                   double bc2s, double eps, double decay);
 /** Training attention (causal GQA, window 0 = none) over B sequences of T rows; probs [B, H, T, T] are written. */
 void moe_train_attention(float *out, double *probs, const float *q, const float *k, const float *v, int B, int T, int H,
                          int KV, int hd, int win);

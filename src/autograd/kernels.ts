@@ -7,6 +7,16 @@
 
 import type { Float } from './tape.js';
 
+/** The per-step scalars of an AdamW update (bias corrections folded in). */
+export interface AdamWScalars {
+  beta1: number;
+  beta2: number;
+  stepSize: number;
+  bc2Sqrt: number;
+  eps: number;
+  decay: number;
+}
+
 /** The shape of a training attention call (see ops.ts attention). */
 export interface AttentionDims {
   batch: number;
@@ -36,6 +46,17 @@ export interface GradKernels {
    * given, probs[r, j] = exp(x[r, j] - lse[r]).
    */
   softmaxRows(x: Float, rows: number, n: number, lse: Float64Array, probs: Float | null): void;
+  /**
+   * Cross-entropy backward: dz[r, :] += c probs[r, :] and dz[r, targets[r]] -= c, for rows with targets[r] >= 0.
+   * When dz is probs itself (the same array) it is overwritten instead: dz = c (probs - onehot), rows with a
+   * negative target set to zero.
+   */
+  crossEntropyBackward(dz: Float, probs: Float, targets: ArrayLike<number>, rows: number, n: number, c: number): void;
+  /**
+   * One AdamW update (see workflows/optimizer.ts AdamW.step, which computes the scalars):
+   * m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p = p * decay - stepSize m / (sqrt(v) / bc2Sqrt + eps).
+   */
+  adamw(p: Float, g: Float, m: Float, v: Float, h: AdamWScalars): void;
   /**
    * Causal grouped-query attention: q [B*T, H*hd], k and v [B*T, KV*hd] -> out [B*T, H*hd]; scores scaled by
    * 1/sqrt(hd); probs [B, H, T, T] receives the attention probabilities (zero where masked) for the backward.
@@ -88,6 +109,30 @@ export const refKernels: GradKernels = {
       for (let j = 0; j < n; j++) sum += Math.exp(x[o + j] - max);
       lse[r] = max === -Infinity ? -Infinity : max + Math.log(sum);
       if (probs) for (let j = 0; j < n; j++) probs[o + j] = Math.exp(x[o + j] - lse[r]);
+    }
+  },
+
+  crossEntropyBackward(dz, probs, targets, rows, n, c) {
+    const inPlace = dz === probs;
+    for (let i = 0; i < rows; i++) {
+      const o = i * n;
+      if (targets[i] < 0) {
+        if (inPlace) dz.fill(0, o, o + n);
+        continue;
+      }
+      if (inPlace) for (let v = 0; v < n; v++) dz[o + v] = c * probs[o + v];
+      else for (let v = 0; v < n; v++) dz[o + v] += c * probs[o + v];
+      dz[o + targets[i]] -= c;
+    }
+  },
+
+  adamw(d, g, m, v, h) {
+    const { beta1, beta2, stepSize, bc2Sqrt, eps, decay } = h;
+    for (let j = 0; j < d.length; j++) {
+      const gj = g[j];
+      m[j] = beta1 * m[j] + (1 - beta1) * gj;
+      v[j] = beta2 * v[j] + (1 - beta2) * gj * gj;
+      d[j] = d[j] * decay - (stepSize * m[j]) / (Math.sqrt(v[j]) / bc2Sqrt + eps);
     }
   },
 

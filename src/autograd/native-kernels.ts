@@ -79,6 +79,14 @@ export function nativeGradKernels(): GradKernels | null {
       addon.trainAttentionBackward(g as Float32Array, probs, q as Float32Array, k as Float32Array, v as Float32Array, dq as Float32Array | null,
         dk as Float32Array | null, dv as Float32Array | null, d.batch, d.seqLen, d.nHeads, d.nKvHeads, d.headDim, d.slidingWindow ?? 0);
     },
+    crossEntropyBackward(dz, probs, targets, rows, n, c) {
+      if (!f32(dz, probs)) return refKernels.crossEntropyBackward(dz, probs, targets, rows, n, c);
+      addon.crossEntropyBackward(dz as Float32Array, probs as Float32Array, targets instanceof Int32Array ? targets : Int32Array.from(targets), rows, n, c);
+    },
+    adamw(p, g, m, v, h) {
+      if (!f32(p, g, m, v)) return refKernels.adamw(p, g, m, v, h);
+      addon.adamw(p as Float32Array, g as Float32Array, m as Float32Array, v as Float32Array, h.beta1, h.beta2, h.stepSize, h.bc2Sqrt, h.eps, h.decay);
+    },
     softmaxRows(x, rows, n, lse, probs) {
       if (!f32(x, probs) || n === 0) return refKernels.softmaxRows(x, rows, n, lse, probs);
       addon.softmaxRows(x as Float32Array, rows, n, lse, probs as Float32Array | null);

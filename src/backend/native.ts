@@ -23,6 +23,10 @@ interface ComputeAddon {
   trainAttention(out: Float32Array, probs: Float64Array, q: Float32Array, k: Float32Array, v: Float32Array, B: number, T: number, H: number, KV: number, hd: number, window: number): void;
   trainAttentionBackward(g: Float32Array, probs: Float64Array, q: Float32Array, k: Float32Array, v: Float32Array, dq: Float32Array | null, dk: Float32Array | null, dv: Float32Array | null,
     B: number, T: number, H: number, KV: number, hd: number, window: number): void;
+  /** Training: dz[r] += c probs[r]; dz[r, targets[r]] -= c (rows with a negative target skipped). */
+  crossEntropyBackward(dz: Float32Array, probs: Float32Array, targets: Int32Array, rows: number, n: number, c: number): void;
+  /** Training: one AdamW update of f32 parameters p with gradient g and moments m, v (optimizer.ts). */
+  adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, beta1: number, beta2: number, stepSize: number, bc2Sqrt: number, eps: number, decay: number): void;
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void;
   rope(x: Float32Array, rows: number, nHeads: number, headDim: number, positions: Int32Array, theta: number): void;
   attention(out: Float32Array, q: Float32Array, rows: number, start: number, k: Float32Array, v: Float32Array,
@@ -48,7 +52,7 @@ export interface NativeInfo {
   features: Record<string, number>;
 }
 
-const FUNCTIONS = ['matmul', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'rmsNorm', 'rope', 'attention', 'moeFFN', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
+const FUNCTIONS = ['matmul', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'crossEntropyBackward', 'adamw', 'rmsNorm', 'rope', 'attention', 'moeFFN', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
 
 let compute: ComputeAddon | null | undefined;
 let computeError: string | null = null;

@@ -2,6 +2,8 @@
 // global-norm gradient clipping, and the warm-up + cosine learning-rate schedule. Parameters are plain arrays with
 // their gradients, so the optimiser does not care which tape produced them.
 
+import { gradKernels } from '../autograd/kernels.js';
+
 export type FloatArray = Float32Array | Float64Array;
 
 export interface OptimParam {
@@ -54,19 +56,11 @@ export class AdamW {
     const bc2 = 1 - Math.pow(beta2, this.t);
     const stepSize = lr / bc1;
     const bc2Sqrt = Math.sqrt(bc2);
+    const kernels = gradKernels();
     this.params.forEach((p, i) => {
-      const g = p.grad;
-      if (!g) return;
-      const m = this.m[i];
-      const v = this.v[i];
-      const d = p.data;
-      const decay = p.decay ? 1 - lr * weightDecay : 1;
-      for (let j = 0; j < d.length; j++) {
-        const gj = g[j];
-        m[j] = beta1 * m[j] + (1 - beta1) * gj;
-        v[j] = beta2 * v[j] + (1 - beta2) * gj * gj;
-        d[j] = d[j] * decay - (stepSize * m[j]) / (Math.sqrt(v[j]) / bc2Sqrt + eps);
-      }
+      if (!p.grad) return;
+      if (p.grad.length !== p.data.length) throw new Error(`AdamW: ${p.name} has ${p.grad.length} gradients for ${p.data.length} values`);
+      kernels.adamw(p.data, p.grad, this.m[i], this.v[i], { beta1, beta2, stepSize, bc2Sqrt, eps, decay: p.decay ? 1 - lr * weightDecay : 1 });
     });
   }
 }
