@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import { parseArgs } from 'node:util';
 
-const { values } = parseArgs({ options: { threads: { type: 'string', default: '2' }, reps: { type: 'string', default: '2' }, steps: { type: 'string', default: '5' }, 'no-write': { type: 'boolean', default: false } } });
+const { values } = parseArgs({ options: { threads: { type: 'string', default: '2' }, reps: { type: 'string', default: '3' }, steps: { type: 'string', default: '10' }, 'no-write': { type: 'boolean', default: false } } });
 const cfg = { vocab: 32000, dim: 128, layers: 4, heads: 4, kv_heads: 2, head_dim: 32, ffn: 256, experts: 8, k: 2, seq_len: 128, batch: 4, steps: Number(values.steps), warmup: 1, threads: Number(values.threads) };
 
 function runTs() {
@@ -53,25 +53,31 @@ function runTorch() {
 const ts = [];
 const pt = [];
 let kernels = '?';
+let torchInfo = null;
 for (let i = 0; i < Number(values.reps); i++) {
   process.stderr.write(`bench:train rep ${i + 1}/${values.reps} ...\r`);
   const r = runTs();
   kernels = r.kernels;
   ts.push(r.tokens_per_s);
-  pt.push(runTorch().tokens_per_s);
+  const t = runTorch();
+  pt.push(t.tokens_per_s);
+  torchInfo = t;
 }
 const best = (a) => Math.max(...a);
+// Debian's torch calls whatever libblas.so.3 is: the netlib reference BLAS (a few GFLOP/s) unless OpenBLAS is installed.
+const weakBlas = torchInfo.sgemm_gflops < 20;
+if (weakBlas) console.error(`bench:train: PyTorch's sgemm runs at ${torchInfo.sgemm_gflops.toFixed(1)} GFLOP/s: it is on the reference BLAS, not a fair peer. apt-get install libopenblas0-pthread, then rerun.`);
 const rows = [
   '| trainer | training tokens/s (best of ' + values.reps + ') | ratio moe-ts / PyTorch |',
   '| --- | --- | --- |',
-  `| moe-ts (${kernels} matmul kernels, ${cfg.threads} threads) | ${best(ts).toFixed(1)} | ${(best(ts) / best(pt)).toFixed(3)}x |`,
-  `| PyTorch ${runTorch.version ?? ''}(CPU, ${cfg.threads} threads) | ${best(pt).toFixed(1)} | 1 |`,
+  `| moe-ts (${kernels} training kernels, ${cfg.threads} threads) | ${best(ts).toFixed(1)} | ${(best(ts) / best(pt)).toFixed(3)}x |`,
+  `| PyTorch ${torchInfo.torch} (CPU, ${cfg.threads} threads; its sgemm ${torchInfo.sgemm_gflops.toFixed(0)} GFLOP/s${weakBlas ? ', reference BLAS: not a fair peer' : ''}) | ${best(pt).toFixed(1)} | 1 |`,
 ];
 const section = ['<!-- benchtrain:start -->', '## Training throughput (`npm run bench:train`)', '',
-  `${new Date().toISOString().slice(0, 10)}, ${os.cpus()[0]?.model}, ${cfg.threads} threads, Node ${process.version}, Debian python3-torch. ` +
+  `${new Date().toISOString().slice(0, 10)}, ${os.cpus()[0]?.model}, ${cfg.threads} threads, Node ${process.version}, Debian python3-torch ${weakBlas ? 'on the reference BLAS' : 'with an optimised BLAS (libopenblas0-pthread; on Debian\'s default reference BLAS it is several times slower)'}. ` +
   `Model: dim ${cfg.dim}, ${cfg.layers} layers, ${cfg.heads} q-heads / ${cfg.kv_heads} kv-heads, ffn ${cfg.ffn}, ${cfg.experts} experts top-${cfg.k}, vocab ${cfg.vocab} (tied); ` +
   `batch ${cfg.batch} x ${cfg.seq_len} tokens; forward + backward + AdamW; ${cfg.steps} timed steps after ${cfg.warmup} warm-up.`, '',
-  ...rows, '', 'moe-ts runs its matmuls (forward and backward, with the grouped expert GEMM) and the cross-entropy softmax on the native addon with the same thread count; attention, norms, routing and the optimizer are TypeScript. Figures from a shared 2-core machine are noisy.',
+  ...rows, '', 'moe-ts runs its matmuls (forward and backward, with the grouped expert GEMM), attention, the cross-entropy and AdamW on the native addon with the same thread count; norms, RoPE, routing and the elementwise ops are TypeScript. Figures from a shared 2-core machine are noisy.',
   '<!-- benchtrain:end -->'].join('\n');
 console.log(rows.join('\n'));
 if (!values['no-write']) {

@@ -74,4 +74,7 @@ for _ in range(WARM): step()
 t0 = time.perf_counter()
 for _ in range(STEPS): step()
 dt = time.perf_counter() - t0
-print(json.dumps({'tokens_per_s': STEPS * B * T / dt, 'seconds': dt, 'torch': torch.__version__, 'threads': torch.get_num_threads()}))
+# Which BLAS Debian's torch got (it links libblas.so.3: the reference BLAS unless OpenBLAS is installed): an sgemm rate.
+a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
+a @ b; t1 = time.perf_counter(); a @ b; a @ b; sgemm = 2 * 2 * 512 * 1024 * 1024 / (time.perf_counter() - t1) / 1e9
+print(json.dumps({'tokens_per_s': STEPS * B * T / dt, 'seconds': dt, 'torch': torch.__version__, 'threads': torch.get_num_threads(), 'sgemm_gflops': sgemm}))

@@ -26,11 +26,12 @@ const { values } = parseArgs({
 });
 const steps = Number(values.steps);
 const noauxSteps = Number(values['noaux-steps'] ?? Math.max(1, Math.round(steps / 3)));
-const RUNS = [
+const ALL_RUNS = [
   { id: 'moe', title: 'MoE (8 experts, top-2)', preset: 'small-moe', steps, moe: {} },
   { id: 'dense', title: 'dense, same active parameters', preset: 'small-dense', steps, moe: {} },
   { id: 'noaux', title: 'MoE without the balancing loss', preset: 'small-moe', steps: noauxSteps, moe: { routerAuxLossCoef: 0 } },
-].filter((r) => values.only.split(',').includes(r.id));
+];
+const RUNS = ALL_RUNS.filter((r) => values.only.split(',').includes(r.id));
 
 const moe = (args, opts = {}) => spawnSync(process.execPath, [bin, ...args], { encoding: 'utf8', maxBuffer: 256 << 20, ...opts });
 
@@ -77,6 +78,8 @@ for (const r of results) {
   const inspect = JSON.parse(moe(['inspect', gguf, '--json']).stdout);
   r.params = inspect.parameters ?? inspect.params ?? null;
   r.state = JSON.parse(fs.readFileSync(path.join(r.dir, 'checkpoint', 'trainer_state.json'), 'utf8'));
+  // What the table needs, so a later `--only` run can rewrite docs/training.md with this run in it.
+  fs.writeFileSync(path.join(r.dir, 'run.json'), JSON.stringify({ id: r.id, title: r.title, seconds: r.seconds, summary: r.summary, params: r.params, eval: r.eval }, null, 2) + '\n');
   fs.writeFileSync(path.join(r.dir, 'eval.json'), JSON.stringify(r.eval, null, 2) + '\n');
 }
 console.log(JSON.stringify(results.map((r) => ({ id: r.id, seconds: r.seconds, summary: r.summary, eval: r.eval.map((e) => [e.lang, e.perplexity]) }))));
@@ -87,6 +90,7 @@ const modelsDir = path.join(root, 'models');
 const docsDir = path.join(root, 'docs', 'training');
 fs.mkdirSync(modelsDir, { recursive: true });
 fs.mkdirSync(docsDir, { recursive: true });
+const trained = new Set(results.map((r) => r.id));
 for (const r of results) {
   if (r.id !== 'noaux') {
     const dst = path.join(modelsDir, `moe-ts-pretrained-${r.id}-f16.gguf`);
@@ -97,6 +101,18 @@ for (const r of results) {
   for (const f of ['loss.svg', 'expert-load.svg']) if (fs.existsSync(path.join(r.dir, f))) fs.copyFileSync(path.join(r.dir, f), path.join(docsDir, `${r.id}-${f}`));
 }
 
+// The table holds every run that has finished, this time or before (its run.json), in the order of ALL_RUNS.
+const table = ALL_RUNS.map((def) => {
+  const done = results.find((r) => r.id === def.id);
+  if (done) return done;
+  const file = path.join(values.runs, def.id, 'run.json');
+  if (!fs.existsSync(file)) return null;
+  const r = { ...def, ...JSON.parse(fs.readFileSync(file, 'utf8')), dir: path.join(values.runs, def.id) };
+  r.state = JSON.parse(fs.readFileSync(path.join(r.dir, 'checkpoint', 'trainer_state.json'), 'utf8'));
+  const shipped = path.join(modelsDir, `moe-ts-pretrained-${r.id}-f16.gguf`);
+  if (r.id !== 'noaux' && fs.existsSync(shipped)) r.shipped = path.relative(root, shipped);
+  return r;
+}).filter(Boolean);
 const cv = (load) => {
   if (!load) return null;
   const per = load.map((row) => {
@@ -107,13 +123,13 @@ const cv = (load) => {
 };
 const maxShare = (load) => (load ? Math.max(...load.flat()) : null);
 const fmtInt = (n) => n.toLocaleString('en-US');
-const langs = results[0].eval.map((e) => e.lang);
+const langs = table[0].eval.map((e) => e.lang);
 const lines = [];
 lines.push('# Training the pretrained models', '');
-lines.push(`Written by \`node scripts/train-pretrained.mjs ${process.argv.slice(2).join(' ')}\` on ${new Date().toISOString().slice(0, 10)}, ${os.cpus()[0]?.model ?? 'CPU'}, ${os.availableParallelism()} cores${values.parallel ? ' (the runs side by side, one kernel thread each)' : ''}. Data: the corpus snapshot in \`data/corpus\` (English, French, German, Italian, Spanish; licenses in data/corpus/LICENSES.md), tokenized with the Mistral v1 tokenizer by \`moe data build\`. All runs see the same token stream (the same seed picks the same windows).`, '');
+lines.push(`Written by \`node scripts/train-pretrained.mjs ${process.argv.slice(2).join(' ')}\`${trained.size < table.length ? ` (the other runs from earlier invocations: ${table.filter((r) => !trained.has(r.id)).map((r) => `${r.id} ${r.summary.step} steps`).join(', ')})` : ''} on ${new Date().toISOString().slice(0, 10)}, ${os.cpus()[0]?.model ?? 'CPU'}, ${os.availableParallelism()} cores${values.parallel ? ' (the runs side by side, one kernel thread each)' : ''}. Data: the corpus snapshot in \`data/corpus\` (English, French, German, Italian, Spanish; licenses in data/corpus/LICENSES.md), tokenized with the Mistral v1 tokenizer by \`moe data build\`. All runs see the same token stream (the same seed picks the same windows).`, '');
 lines.push('| model | parameters (total / active per token) | steps x tokens | tokens/s | wall time | compute (6 x active x tokens) | ' + langs.map((l) => `val ppl ${l}`).join(' | ') + ' | expert-load CV (mean over layers) | largest expert share |');
 lines.push('| --- | --- | --- | --- | --- | --- | ' + langs.map(() => '---').join(' | ') + ' | --- | --- |');
-for (const r of results) {
+for (const r of table) {
   const tokens = r.summary.tokens;
   const active = r.params?.active ?? null;
   const total = r.params?.total ?? null;
@@ -125,7 +141,22 @@ for (const r of results) {
 }
 lines.push('');
 lines.push('Perplexity is per Mistral token on each language\'s validation split (up to 20,000 tokens, windows of 256). Expert-load CV is the coefficient of variation of the share of token-slots each expert takes in a layer (0 = perfectly even; 8 experts all on one expert would be 2.65), averaged over layers, measured on the validation text; "largest expert share" is the busiest expert of any layer (even would be 12.5 %).', '');
-for (const r of results) {
+const moeRun = table.find((r) => r.id === 'moe');
+const noauxRun = table.find((r) => r.id === 'noaux');
+if (moeRun?.load && noauxRun?.load) {
+  const perLayer = (load) => load.map((row) => { const m = row.reduce((a, b) => a + b, 0) / row.length; return (Math.sqrt(row.reduce((a, b) => a + (b - m) ** 2, 0) / row.length) / m).toFixed(2); }).join(', ');
+  const overall = (load) => cv([load[0].map((_, e) => load.reduce((a, row) => a + row[e], 0) / load.length)]);
+  const dead = (load) => load.flat().filter((x) => x < 0.005).length;
+  const auxTerm = (moeRun.summary.loss - moeRun.summary.ce) / 0.02;
+  lines.push('## What the balancing loss does here', '',
+    `Per-layer expert-load CV on the validation text: with the loss ${perLayer(moeRun.load)}; without it ${perLayer(noauxRun.load)}. ` +
+    `Experts taking under 0.5 % of a layer's token-slots: ${dead(moeRun.load)} of ${moeRun.load.flat().length} with the loss, ${dead(noauxRun.load)} without.`, '',
+    `The loss is Hugging Face's \`load_balancing_loss_func\` (as the issue asks): it concatenates the router logits of all layers before counting, so it ` +
+    `balances each expert index summed over the layers, not each layer. At the end of the MoE run the term is ${auxTerm.toFixed(3)} (k = 2 is its value for a perfectly even ` +
+    `load over the concatenation) and the load averaged over layers has a CV of ${overall(moeRun.load).toFixed(2)} (without the loss ${overall(noauxRun.load).toFixed(2)}), ` +
+    'while single layers stay uneven. A per-layer form (Switch, GShard: the loss of each layer, averaged) would push on each layer; moe-ts does not offer it yet.', '');
+}
+for (const r of table) {
   lines.push(`## ${r.title}`, '', `Final training loss ${r.summary.ce?.toFixed(3)} (cross-entropy), validation loss ${r.summary.val_loss?.toFixed(3)}.${r.shipped ? ` Shipped as \`${r.shipped}\`.` : ''}`, '');
   if (fs.existsSync(path.join(docsDir, `${r.id}-loss.svg`))) lines.push(`![${r.id} loss](training/${r.id}-loss.svg)`, '');
   if (fs.existsSync(path.join(docsDir, `${r.id}-expert-load.svg`))) lines.push(`![${r.id} expert load](training/${r.id}-expert-load.svg)`, '');
