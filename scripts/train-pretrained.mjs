@@ -6,7 +6,7 @@
 // (perplexity and expert load per language on the validation shards).
 //
 // Usage: node scripts/train-pretrained.mjs [--steps N] [--noaux-steps N] [--data DIR] [--runs DIR] [--parallel]
-//        [--only moe,dense,noaux] [--resume] [--no-doc]
+//        [--only moe,dense,noaux,perlayer] [--resume] [--no-doc]
 // Runs live in --runs (default runs/, git-ignored); the finished models are copied to models/ (f16 GGUF).
 import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -20,7 +20,7 @@ const bin = path.join(root, 'bin', 'moe.js');
 const { values } = parseArgs({
   options: {
     steps: { type: 'string', default: '3000' }, 'noaux-steps': { type: 'string' }, data: { type: 'string', default: path.join(root, 'runs', 'shards') },
-    runs: { type: 'string', default: path.join(root, 'runs') }, parallel: { type: 'boolean', default: false }, only: { type: 'string', default: 'moe,dense,noaux' },
+    runs: { type: 'string', default: path.join(root, 'runs') }, parallel: { type: 'boolean', default: false }, only: { type: 'string', default: 'moe,dense,noaux' }, // also: perlayer
     resume: { type: 'boolean', default: false }, 'no-doc': { type: 'boolean', default: false },
   },
 });
@@ -30,6 +30,7 @@ const ALL_RUNS = [
   { id: 'moe', title: 'MoE (8 experts, top-2)', preset: 'small-moe', steps, moe: {} },
   { id: 'dense', title: 'dense, same active parameters', preset: 'small-dense', steps, moe: {} },
   { id: 'noaux', title: 'MoE without the balancing loss', preset: 'small-moe', steps: noauxSteps, moe: { routerAuxLossCoef: 0 } },
+  { id: 'perlayer', title: 'MoE, balancing loss per layer', preset: 'small-moe', steps, moe: { routerAuxLossScope: 'per-layer' } },
 ];
 const RUNS = ALL_RUNS.filter((r) => values.only.split(',').includes(r.id));
 
@@ -92,7 +93,7 @@ fs.mkdirSync(modelsDir, { recursive: true });
 fs.mkdirSync(docsDir, { recursive: true });
 const trained = new Set(results.map((r) => r.id));
 for (const r of results) {
-  if (r.id !== 'noaux') {
+  if (r.id === 'moe' || r.id === 'dense') {
     const dst = path.join(modelsDir, `moe-ts-pretrained-${r.id}-f16.gguf`);
     const c = moe(['convert', path.join(r.dir, 'hf'), dst, '--type', 'f16']);
     if (c.status !== 0) throw new Error(`${r.id}: convert failed: ${c.stderr}`);
@@ -110,7 +111,7 @@ const table = ALL_RUNS.map((def) => {
   const r = { ...def, ...JSON.parse(fs.readFileSync(file, 'utf8')), dir: path.join(values.runs, def.id) };
   r.state = JSON.parse(fs.readFileSync(path.join(r.dir, 'checkpoint', 'trainer_state.json'), 'utf8'));
   const shipped = path.join(modelsDir, `moe-ts-pretrained-${r.id}-f16.gguf`);
-  if (r.id !== 'noaux' && fs.existsSync(shipped)) r.shipped = path.relative(root, shipped);
+  if ((r.id === 'moe' || r.id === 'dense') && fs.existsSync(shipped)) r.shipped = path.relative(root, shipped);
   return r;
 }).filter(Boolean);
 const cv = (load) => {
@@ -154,7 +155,13 @@ if (moeRun?.load && noauxRun?.load) {
     `The loss is Hugging Face's \`load_balancing_loss_func\` (as the issue asks): it concatenates the router logits of all layers before counting, so it ` +
     `balances each expert index summed over the layers, not each layer. At the end of the MoE run the term is ${auxTerm.toFixed(3)} (k = 2 is its value for a perfectly even ` +
     `load over the concatenation) and the load averaged over layers has a CV of ${overall(moeRun.load).toFixed(2)} (without the loss ${overall(noauxRun.load).toFixed(2)}), ` +
-    'while single layers stay uneven. A per-layer form (Switch, GShard: the loss of each layer, averaged) would push on each layer; moe-ts does not offer it yet.', '');
+    'while single layers stay uneven.', '');
+  const per = table.find((r) => r.id === 'perlayer');
+  if (per?.load) {
+    lines.push(`With \`moe.routerAuxLossScope: "per-layer"\` (Switch / GShard: each layer's loss, averaged over the layers; same coefficient 0.02, same steps and tokens) ` +
+      `the per-layer CV is ${perLayer(per.load)} (mean ${cv(per.load).toFixed(2)}, against ${cv(moeRun.load).toFixed(2)} for the concatenated form), ` +
+      `${dead(per.load)} near-idle experts, and validation perplexity ${per.eval.map((e) => `${e.lang} ${e.perplexity.toFixed(1)}`).join(', ')}.`, '');
+  }
 }
 for (const r of table) {
   lines.push(`## ${r.title}`, '', `Final training loss ${r.summary.ce?.toFixed(3)} (cross-entropy), validation loss ${r.summary.val_loss?.toFixed(3)}.${r.shipped ? ` Shipped as \`${r.shipped}\`.` : ''}`, '');

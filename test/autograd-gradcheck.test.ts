@@ -297,6 +297,10 @@ test('gradcheck: whole model, noisy top-2 in training (noise, jitter, importance
   modelCase(t, 'noisy top-2', { tieWordEmbeddings: true, slidingWindow: 3 }, { router: 'noisy-topk', routerJitterNoise: 0.05 }, 21);
 });
 
+test('gradcheck: whole model, the per-layer balancing loss (Switch / GShard form)', (t) => {
+  modelCase(t, 'per-layer balance', {}, { router: 'softmax-topk', routerAuxLossScope: 'per-layer', routerAuxLossCoef: 0.5 }, 23, 4);
+});
+
 test('gradcheck: whole model, Switch top-1 with capacity factor 1.0', (t) => {
   modelCase(t, 'switch + capacity', { numExpertsPerTok: 1 }, { router: 'switch', capacityFactor: 1.0 }, 22);
 });

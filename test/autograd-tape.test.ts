@@ -324,6 +324,8 @@ test('training config: defaults, checks, MoE every n-th layer, dense', () => {
   assert.match(trainConfigProblems(mixtralTrainConfig({ ...SMALL, numExpertsPerTok: 4 }, { router: 'noisy-topk' })).join(), /noisy-topk needs/);
   assert.match(trainConfigProblems(mixtralTrainConfig(SMALL, { capacityFactor: 0 })).join(), /capacityFactor/);
   assert.match(trainConfigProblems(mixtralTrainConfig(SMALL, { moeLayerFrequency: 0 })).join(), /moeLayerFrequency/);
+  assert.equal(c.moe.routerAuxLossScope, 'concatenated');
+  assert.match(trainConfigProblems(mixtralTrainConfig(SMALL, { routerAuxLossScope: 'x' as 'per-layer' })).join(), /routerAuxLossScope/);
   assert.throws(() => MixtralTrain.init(mixtralTrainConfig(SMALL, { router: 'switch' })), /bad config/);
 
   const every2 = MixtralTrain.init(mixtralTrainConfig(SMALL, { moeLayerFrequency: 2 }));
@@ -341,4 +343,21 @@ test('training config: defaults, checks, MoE every n-th layer, dense', () => {
   assert.ok(!names.includes('lm_head.weight'));
   assert.equal(tied.params.lm_head, tied.params.embed_tokens);
   assert.deepEqual(tied.params.layers[0].block_sparse_moe!.experts.w2.shape, [4, 8, 6]);
+});
+
+test('balancing loss scope: per-layer is the mean of each layer\'s loss, concatenated is HF\'s single count', () => {
+  const tokens = [1, 5, 9, 3, 7, 2, 30, 11];
+  const targets = tokens.map((_, i) => (i + 1 < tokens.length ? tokens[i + 1] : -100));
+  const losses2 = (scope: 'per-layer' | 'concatenated') => {
+    const m = MixtralTrain.init(mixtralTrainConfig(SMALL, { routerAuxLossScope: scope, routerZLossCoef: 0 }), { seed: 3, std: 0.5, precision: 'f64' });
+    return m.loss(tokens, targets, { batch: 1 });
+  };
+  const per = losses2('per-layer');
+  const cat = losses2('concatenated');
+  const each = per.routing.map((r) => losses.loadBalancingLoss([r.logits], [r.experts], SMALL.numExpertsPerTok).item());
+  assert.ok(Math.abs(per.balance!.item() - each.reduce((a, b) => a + b, 0) / each.length) < 1e-12);
+  const all = losses.loadBalancingLoss(cat.routing.map((r) => r.logits), cat.routing.map((r) => r.experts), SMALL.numExpertsPerTok).item();
+  assert.ok(Math.abs(cat.balance!.item() - all) < 1e-12);
+  assert.notEqual(per.balance!.item().toFixed(9), cat.balance!.item().toFixed(9)); // the two forms differ on an uneven load
+  assert.ok(Math.abs(per.ce.item() - cat.ce.item()) < 1e-12); // same weights, same routing: only the balance term differs
 });

@@ -33,6 +33,12 @@ export interface MoeOptions {
   router: RouterKind;
   /** Load-balancing loss coefficient (HF router_aux_loss_coef; Mixtral 0.02); 0 = off. */
   routerAuxLossCoef: number;
+  /**
+   * 'concatenated' (Hugging Face's load_balancing_loss_func: the router logits of all layers counted together, so
+   * it balances each expert index summed over layers) or 'per-layer' (Switch / GShard: each layer's loss, averaged
+   * over the MoE layers, so each layer is pushed towards balance). Both equal k at a perfectly even load.
+   */
+  routerAuxLossScope: 'concatenated' | 'per-layer';
   /** Router z-loss coefficient (ST-MoE: 1e-3); 0 = off. */
   routerZLossCoef: number;
   /**
@@ -59,6 +65,7 @@ export interface MoeOptions {
 export const DEFAULT_MOE_OPTIONS: Readonly<MoeOptions> = Object.freeze({
   router: 'softmax-topk',
   routerAuxLossCoef: 0.02,
+  routerAuxLossScope: 'concatenated',
   routerZLossCoef: 1e-3,
   routerJitterNoise: 0,
   noisyImportanceCoef: 1e-2,
@@ -91,6 +98,7 @@ export function trainConfigProblems(c: MixtralTrainConfig): string[] {
   for (const k of ['routerAuxLossCoef', 'routerZLossCoef', 'routerJitterNoise', 'noisyImportanceCoef', 'noisyLoadCoef', 'noisyNoiseEpsilon'] as const) {
     if (!(typeof m[k] === 'number' && m[k] >= 0 && Number.isFinite(m[k]))) p.push(`moe.${k} must be a finite number >= 0, got ${String(m[k])}`);
   }
+  if (m.routerAuxLossScope !== 'concatenated' && m.routerAuxLossScope !== 'per-layer') p.push(`moe.routerAuxLossScope must be concatenated or per-layer, got ${String(m.routerAuxLossScope)}`);
   if (m.routerJitterNoise >= 1) p.push(`moe.routerJitterNoise must be < 1, got ${m.routerJitterNoise}`);
   if (m.capacityFactor !== null && !(typeof m.capacityFactor === 'number' && m.capacityFactor > 0 && Number.isFinite(m.capacityFactor))) {
     p.push(`moe.capacityFactor must be > 0 or null, got ${String(m.capacityFactor)}`);
@@ -422,7 +430,11 @@ export class MixtralTrain {
     let loadLoss: Var | null = null;
     if (routing.length > 0) {
       const mask = opts.tokenMask ?? null;
-      balance = loadBalancingLoss(routing.map((r) => r.logits), routing.map((r) => r.experts), this.config.numExpertsPerTok, mask);
+      const k = this.config.numExpertsPerTok;
+      balance =
+        c.routerAuxLossScope === 'per-layer'
+          ? affine(addScalars(...routing.map((r) => loadBalancingLoss([r.logits], [r.experts], k, mask))), 1 / routing.length)
+          : loadBalancingLoss(routing.map((r) => r.logits), routing.map((r) => r.experts), k, mask);
       zLoss = routerZLoss(routing.map((r) => r.logits), mask);
       if (c.router === 'noisy-topk') {
         importanceLoss = addScalars(...routing.map((r) => cvSquared(r.importance!)));

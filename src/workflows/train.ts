@@ -224,7 +224,9 @@ function trainWith(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain;
   if (o.resume && !ckpt) log(`moe train: no checkpoint in ${o.outDir}; starting from scratch`);
   if (ckpt) {
     const saved = JSON.parse(fs.readFileSync(path.join(ckpt, 'run.json'), 'utf8')) as TrainRunConfig;
-    if (JSON.stringify(saved.model) !== JSON.stringify(run.model)) throw new FormatError(ckpt, 'the checkpoint was made with another model config; resume with the same --config');
+    // Options added since the checkpoint was written take their defaults (an older checkpoint still resumes).
+    const savedModel = mixtralTrainConfig(inferenceConfig(saved.model), saved.model.moe);
+    if (JSON.stringify(savedModel) !== JSON.stringify(mixtralTrainConfig(inferenceConfig(run.model), run.model.moe))) throw new FormatError(ckpt, 'the checkpoint was made with another model config; resume with the same --config');
     model = MixtralTrain.fromHFTensors(run.model, readSafetensors(path.join(ckpt, 'model.safetensors')).tensors, { source: ckpt });
     state = JSON.parse(fs.readFileSync(path.join(ckpt, 'trainer_state.json'), 'utf8')) as TrainerState;
   } else {
