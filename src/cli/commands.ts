@@ -16,6 +16,7 @@ import { dataCommand } from '../workflows/corpus.js';
 import { instructDataCommand } from '../workflows/instruct.js';
 import { DEFAULT_SERVER_OPTIONS, startServer } from '../server/http.js';
 import { trainCommand } from '../workflows/train.js';
+import { finetuneCommand } from '../workflows/finetune.js';
 import { evalCommand } from '../workflows/eval.js';
 
 type Command = (argv: string[]) => Promise<void>;
@@ -261,6 +262,7 @@ const serve: Command = async (argv) => {
 export const commands: Record<string, Command> = {
   serve,
   train: trainCommand,
+  finetune: finetuneCommand,
   eval: evalCommand,
   inspect,
   generate: generateCmd,

@@ -1,6 +1,8 @@
 // `moe train`: the training loop (nanoGPT-shaped): data windows, forward + backward with the MoE auxiliary losses,
 // gradient accumulation and clipping, AdamW with warm-up + cosine schedule, periodic validation, atomic checkpoints
 // that resume onto the same loss curve, and at the end SVG loss curves and a layer x expert load heatmap.
+// Fine-tuning (finetune.ts) reuses this loop through three seams in TrainOptions: the batch source, the starting
+// model and the trainable parameters.
 
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -10,7 +12,7 @@ import { f32Tensor, type Tensor } from '../tensor/tensor.js';
 import { dequantize } from '../tensor/quant.js';
 import { MixtralTrain, mixtralTrainConfig, trainConfigProblems, inferenceConfig, type MixtralTrainConfig, type MoeOptions } from '../model/mixtral-train.js';
 import { configProblems, type MixtralConfig } from '../model/config.js';
-import { noGrad } from '../autograd/tape.js';
+import { noGrad, type Var } from '../autograd/tape.js';
 import { Rng } from '../util/rng.js';
 import { Progress } from '../util/progress.js';
 import { heatmapSVG, lineChartSVG } from '../util/svg.js';
@@ -130,6 +132,32 @@ export function batchAt(tokens: Uint16Array, c: TrainRunConfig, step: number, mi
   return { inputs, targets };
 }
 
+/** One micro-batch: `batch` sequences of equal length stacked in `inputs`; a negative target carries no loss. */
+export interface TrainBatch {
+  inputs: Int32Array;
+  targets: Int32Array;
+  batch: number;
+  /** 1 = a real token, 0 = padding (left out of the router's auxiliary losses and of the token count). */
+  tokenMask?: Uint8Array;
+}
+
+/**
+ * Where training data comes from: micro-batch `micro` of step `step` must be a pure function of (step, micro) so a
+ * resumed run sees exactly the batches an uninterrupted one would; `validate` gives the validation loss.
+ */
+export interface BatchSource {
+  train(step: number, micro: number): TrainBatch;
+  validate(model: MixtralTrain): number;
+}
+
+/** Pre-training's source: random windows of the token stream, validation on fixed windows of `val`. */
+export function tokenBatches(data: TokenData, run: TrainRunConfig): BatchSource {
+  return {
+    train: (step, micro) => ({ ...batchAt(data.train, run, step, micro), batch: run.batchSize }),
+    validate: (model) => evaluate(model, data.val, run),
+  };
+}
+
 export interface StepRecord {
   step: number;
   loss: number;
@@ -193,7 +221,20 @@ export function findCheckpoint(outDir: string): string | null {
 }
 
 export interface TrainOptions {
-  data: TokenData;
+  /** Pre-training tokens (used when `batches` is not given). */
+  data?: TokenData;
+  /** The training batches and validation loss (default: tokenBatches(data, run)); fine-tuning passes its own. */
+  batches?: BatchSource;
+  /** The starting model when no checkpoint is resumed (default: MixtralTrain.init(run.model, { seed: run.seed })). */
+  initialModel?: () => MixtralTrain;
+  /**
+   * The named parameters the optimiser updates (default: all of model.namedParameters()). The model's parameters
+   * not listed are frozen: requiresGrad is turned off, so no gradient is computed for them, and they have no
+   * optimiser state. (A seam for fine-tuning modes; adapters would be listed here too.)
+   */
+  trainable?: (model: MixtralTrain) => [string, Var][];
+  /** The command named in log lines and the progress bar (default "moe train"). */
+  name?: string;
   outDir: string;
   resume?: boolean;
   /** Stop after this step (a test's stand-in for an interruption); the run's schedule still spans `steps`. */
@@ -217,11 +258,14 @@ export function train(run: TrainRunConfig, o: TrainOptions): { model: MixtralTra
 function trainWith(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain; state: TrainerState } {
   checkRunConfig(run, 'train config');
   const log = o.log ?? ((s: string) => process.stderr.write(s + '\n'));
+  const cmd = o.name ?? 'moe train';
+  if (!o.batches && !o.data) throw new Error('train: give data or batches');
+  const source = o.batches ?? tokenBatches(o.data!, run);
   fs.mkdirSync(o.outDir, { recursive: true });
   let model: MixtralTrain;
   let state: TrainerState = { step: 0, tokensSeen: 0, history: [], evals: [], load: [] };
   const ckpt = o.resume ? findCheckpoint(o.outDir) : null;
-  if (o.resume && !ckpt) log(`moe train: no checkpoint in ${o.outDir}; starting from scratch`);
+  if (o.resume && !ckpt) log(`${cmd}: no checkpoint in ${o.outDir}; starting from scratch`);
   if (ckpt) {
     const saved = JSON.parse(fs.readFileSync(path.join(ckpt, 'run.json'), 'utf8')) as TrainRunConfig;
     // Options added since the checkpoint was written take their defaults (an older checkpoint still resumes).
@@ -230,9 +274,12 @@ function trainWith(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain;
     model = MixtralTrain.fromHFTensors(run.model, readSafetensors(path.join(ckpt, 'model.safetensors')).tensors, { source: ckpt });
     state = JSON.parse(fs.readFileSync(path.join(ckpt, 'trainer_state.json'), 'utf8')) as TrainerState;
   } else {
-    model = MixtralTrain.init(run.model, { seed: run.seed });
+    model = o.initialModel ? o.initialModel() : MixtralTrain.init(run.model, { seed: run.seed });
   }
-  const named = model.namedParameters();
+  const named = o.trainable ? o.trainable(model) : model.namedParameters();
+  if (named.length === 0) throw new Error(`${cmd}: no trainable parameters`);
+  const chosen = new Set(named.map(([, v]) => v));
+  for (const [, v] of model.namedParameters()) v.requiresGrad = chosen.has(v);
   const params: OptimParam[] = named.map(([name, v]) => ({ name, data: v.data, grad: null, decay: v.shape.length >= 2 }));
   const opt = new AdamW(params, { ...DEFAULT_ADAMW, weightDecay: run.weightDecay });
   if (ckpt) {
@@ -245,24 +292,24 @@ function trainWith(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain;
       opt.m[i].set(dequantize(m));
       opt.v[i].set(dequantize(v));
     });
-    log(`moe train: resumed from ${ckpt} at step ${state.step}`);
+    log(`${cmd}: resumed from ${ckpt} at step ${state.step}`);
   }
 
   const sched = { maxLr: run.maxLr, minLr: run.minLr, warmupSteps: run.warmupSteps, totalSteps: run.steps };
-  const tokensPerStep = run.batchSize * run.seqLen * run.gradAccum;
   const last = Math.min(run.steps, o.stopAfter ?? run.steps);
-  log(`moe train: ${gradKernels().name} matmul kernels, ${tokensPerStep} tokens per step`);
-  const progress = new Progress({ label: 'train', total: run.steps, unit: 'items', itemName: 'steps' });
+  log(`${cmd}: ${gradKernels().name} matmul kernels` + (o.batches ? '' : `, ${run.batchSize * run.seqLen * run.gradAccum} tokens per step`));
+  const progress = new Progress({ label: cmd.replace(/^moe /, ''), total: run.steps, unit: 'items', itemName: 'steps' });
   const E = run.model.numLocalExperts;
   while (state.step < last) {
     const step = state.step;
     const t0 = performance.now();
     for (const [, v] of named) v.grad = null;
-    let loss = 0, ce = 0, aux = 0, z = 0;
+    let loss = 0, ce = 0, aux = 0, z = 0, tokensPerStep = 0;
     const counts: number[][] = [];
     for (let micro = 0; micro < run.gradAccum; micro++) {
-      const { inputs, targets } = batchAt(o.data.train, run, step, micro);
-      const r = model.loss(inputs, targets, { batch: run.batchSize, training: true, rng: new Rng((run.seed * 7919 + step * 31 + micro) % 2 ** 52) });
+      const { inputs, targets, batch, tokenMask } = source.train(step, micro);
+      tokensPerStep += tokenMask ? tokenMask.reduce((a, v) => a + v, 0) : inputs.length;
+      const r = model.loss(inputs, targets, { batch, training: true, rng: new Rng((run.seed * 7919 + step * 31 + micro) % 2 ** 52), ...(tokenMask ? { tokenMask } : {}) });
       // Each micro-batch's loss is a mean over its tokens: scale so the accumulated gradient is the batch mean.
       r.loss.backward(Float32Array.of(1 / run.gradAccum));
       loss += r.loss.item() / run.gradAccum;
@@ -271,7 +318,10 @@ function trainWith(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain;
       z += (r.zLoss ? r.zLoss.item() * run.model.moe.routerZLossCoef : 0) / run.gradAccum;
       r.routing.forEach((lr, i) => {
         counts[i] ??= new Array<number>(E).fill(0);
-        for (const e of lr.experts) counts[i][e]++;
+        const k = run.model.numExpertsPerTok;
+        lr.experts.forEach((e, j) => {
+          if (!tokenMask || tokenMask[Math.floor(j / k)]) counts[i][e]++; // padding's routes are not load
+        });
       });
     }
     for (let i = 0; i < params.length; i++) params[i].grad = named[i][1].grad;
@@ -295,7 +345,7 @@ function trainWith(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain;
     const loadNote = state.load.length ? ` load L0 [${state.load[0].map((v) => (v * 100).toFixed(0)).join(' ')}]%` : '';
     progress.update(state.step);
     if (!progress.active) log(`step ${state.step}/${run.steps} loss ${loss.toFixed(4)} ce ${ce.toFixed(4)} aux ${aux.toFixed(4)} lr ${lr.toExponential(2)} ${(tokensPerStep / secs).toFixed(0)} tok/s${loadNote}`);
-    if (state.step % run.evalInterval === 0 || state.step === run.steps) state.evals.push({ step: state.step, valLoss: evaluate(model, o.data.val, run) });
+    if (state.step % run.evalInterval === 0 || state.step === run.steps) state.evals.push({ step: state.step, valLoss: source.validate(model) });
     if (state.step % run.checkpointInterval === 0 || state.step === run.steps) saveCheckpoint(o.outDir, run, model, opt, state);
   }
   progress.finish();
@@ -305,9 +355,9 @@ function trainWith(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain;
     // express (a switch router, say) keeps its training checkpoint only.
     try {
       const e = exportTrainedModel(model, o.outDir);
-      log(`moe train: exported ${e.hfDir} and ${e.gguf}`);
+      log(`${cmd}: exported ${e.hfDir} and ${e.gguf}`);
     } catch (err) {
-      log(`moe train: not exported: ${(err as Error).message}`);
+      log(`${cmd}: not exported: ${(err as Error).message}`);
     }
   }
   return { model, state };
