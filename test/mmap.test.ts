@@ -309,14 +309,14 @@ test('progress line: percent, amounts, rate and ETA; drawn in place on a TTY, si
     const p = new Progress({ label: 'L', total: 100, unit: 'items', stream: tty, now: () => t });
     t = 50; p.update(10); // first update draws
     t = 60; p.update(20); // within 100 ms of the last draw: skipped
-    t = 200; p.update(30);
+    t = 200; p.update(30, 'loss 5.1234');
     p.finish();
     p.finish();
     const frames = tty.out.split('\r').filter(Boolean);
     assert.equal(frames.length, 3);
     assert.match(frames[0], /^L   10% {2}10\/100 items/);
-    assert.match(frames[1], /^L   30% {2}30\/100 items/);
-    assert.match(frames[2], /^L  100% {2}100\/100 items.*\x1b\[K\n$/);
+    assert.match(frames[1], /^L   30% {2}30\/100 items.* {2}loss 5\.1234\x1b\[K$/); // the detail follows the figures
+    assert.match(frames[2], /^L  100% {2}100\/100 items.*loss 5\.1234\x1b\[K\n$/);
 
     const pipe = new FakeStream(false);
     const quiet = new Progress({ label: 'L', total: 10, stream: pipe, now: () => t });

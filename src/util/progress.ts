@@ -82,6 +82,7 @@ export class Progress {
   private doneAmount = 0;
   private finished = false;
   private total: number;
+  private detail = '';
 
   constructor(private readonly opts: ProgressOptions) {
     this.stream = opts.stream ?? process.stderr;
@@ -92,9 +93,10 @@ export class Progress {
     this.total = opts.total;
   }
 
-  /** Sets the amount done so far (absolute). */
-  update(done: number): void {
+  /** Sets the amount done so far (absolute); `detail` (e.g. a training step's loss) is shown after the figures. */
+  update(done: number, detail?: string): void {
     this.doneAmount = done;
+    if (detail !== undefined) this.detail = detail;
     if (!this.active || this.finished) return;
     const t = this.now();
     if (t - this.lastDraw < (this.tty ? TTY_INTERVAL_MS : LOG_INTERVAL_MS)) return;
@@ -130,7 +132,7 @@ export class Progress {
 
   private draw(t: number, final: boolean): void {
     this.lastDraw = t;
-    let line = formatProgressLine(this.opts.label, this.doneAmount, this.total, t - this.start, this.opts.unit ?? 'bytes', this.opts.itemName);
+    let line = formatProgressLine(this.opts.label, this.doneAmount, this.total, t - this.start, this.opts.unit ?? 'bytes', this.opts.itemName) + (this.detail ? `  ${this.detail}` : '');
     if (this.tty) {
       const cols = this.stream.columns ?? 0;
       if (cols > 1 && line.length > cols - 1) line = line.slice(0, cols - 1);

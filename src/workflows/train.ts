@@ -342,9 +342,13 @@ function trainWith(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain;
       return row.map((v) => v / s);
     });
     state.history.push({ step: state.step, loss, ce, aux, z, lr, gradNorm, tokensPerSecond: tokensPerStep / secs });
-    const loadNote = state.load.length ? ` load L0 [${state.load[0].map((v) => (v * 100).toFixed(0)).join(' ')}]%` : '';
-    progress.update(state.step);
-    if (!progress.active) log(`step ${state.step}/${run.steps} loss ${loss.toFixed(4)} ce ${ce.toFixed(4)} aux ${aux.toFixed(4)} lr ${lr.toExponential(2)} ${(tokensPerStep / secs).toFixed(0)} tok/s${loadNote}`);
+    // Expert load per MoE layer: the busiest expert's share of the step's token-slots (100/E % when even), and layer
+    // 0's whole distribution in the log lines.
+    const busiest = state.load.length ? ` busiest expert/layer ${state.load.map((row) => (Math.max(...row) * 100).toFixed(0)).join(' ')}%` : '';
+    const loadNote = state.load.length ? ` load L0 [${state.load[0].map((v) => (v * 100).toFixed(0)).join(' ')}]%${busiest}` : '';
+    const figures = `loss ${loss.toFixed(4)} ce ${ce.toFixed(4)} aux ${aux.toFixed(4)} lr ${lr.toExponential(2)} ${(tokensPerStep / secs).toFixed(0)} tok/s`;
+    progress.update(state.step, figures + busiest);
+    if (!progress.active) log(`step ${state.step}/${run.steps} ${figures}${loadNote}`);
     if (state.step % run.evalInterval === 0 || state.step === run.steps) state.evals.push({ step: state.step, valLoss: source.validate(model) });
     if (state.step % run.checkpointInterval === 0 || state.step === run.steps) saveCheckpoint(o.outDir, run, model, opt, state);
   }
