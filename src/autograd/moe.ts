@@ -313,7 +313,12 @@ export interface MoeBlockParams {
   w1: Var;
   w2: Var;
   w3: Var;
+  /** Computes the expert GEMMs instead of groupedLinear (LoRA adds its per-expert low-rank term here); default groupedLinear. */
+  expertLinear?: ExpertLinear | null;
 }
+
+/** An expert GEMM over rows sorted by expert: which weight, rows x [S, in], the stacked weight [E, out, in], offsets. */
+export type ExpertLinear = (which: 'w1' | 'w2' | 'w3', x: Var, w: Var, offsets: Int32Array) => Var;
 
 export interface MoeBlockOptions {
   router: RouterKind;
@@ -407,9 +412,10 @@ export function sparseMoeBlock(x: Var, p: MoeBlockParams, o: MoeBlockOptions): M
 }
 
 /** SwiGLU experts over rows sorted by expert: w2(silu(w1 x) * w3 x), one grouped GEMM per weight. */
-export function expertFFN(xs: Var, p: { w1: Var; w2: Var; w3: Var }, offsets: Int32Array): Var {
-  const h = mul(silu(groupedLinear(xs, p.w1, offsets)), groupedLinear(xs, p.w3, offsets));
-  return groupedLinear(h, p.w2, offsets);
+export function expertFFN(xs: Var, p: { w1: Var; w2: Var; w3: Var; expertLinear?: ExpertLinear | null }, offsets: Int32Array): Var {
+  const gl: ExpertLinear = p.expertLinear ?? ((_, x, w, off) => groupedLinear(x, w, off));
+  const h = mul(silu(gl('w1', xs, p.w1, offsets)), gl('w3', xs, p.w3, offsets));
+  return gl('w2', h, p.w2, offsets);
 }
 
 /** A dense SwiGLU FFN (Mistral/Llama mlp): down(silu(gate x) * up x). */

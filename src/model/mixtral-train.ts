@@ -11,8 +11,8 @@ import { RefBackend } from '../backend/ref.js';
 import { dequantize } from '../tensor/quant.js';
 import { f32Tensor, shapeString, type Tensor } from '../tensor/tensor.js';
 import { alloc, numelOf, Var, type Float, type Precision } from '../autograd/tape.js';
-import { add, addScalars, affine, attention, embedding, linear, rmsNorm, rope } from '../autograd/ops.js';
-import { denseFFN, sparseMoeBlock, type MoeBlockResult, type RouterKind } from '../autograd/moe.js';
+import { add, addScalars, affine, attention, embedding, linear, mul, rmsNorm, rope, silu } from '../autograd/ops.js';
+import { denseFFN, groupedLinear, sparseMoeBlock, type MoeBlockResult, type RouterKind } from '../autograd/moe.js';
 import { crossEntropy, cvSquared, loadBalancingLoss, routerZLoss } from '../autograd/losses.js';
 import { Rng } from '../util/rng.js';
 import { configProblems, type MixtralConfig } from './config.js';
@@ -245,6 +245,17 @@ export interface LossResult {
   routing: LayerRouting[];
 }
 
+/**
+ * Extra terms on the projections (LoRA, src/model/lora.ts): consulted by forward() for every weight matrix of the
+ * attention and feed-forward blocks, named by their Hugging Face module path.
+ */
+export interface ProjectionAdapters {
+  /** x W^T plus the adapter's term for module `name` (model.layers.0.self_attn.q_proj, ...mlp.gate_proj), or null when it has none. */
+  linear(name: string, x: Var, w: Var): Var | null;
+  /** The same for stacked experts [E, out, in] over rows sorted by expert (name: model.layers.0.block_sparse_moe.experts.w1). */
+  groupedLinear(name: string, x: Var, w: Var, offsets: Int32Array): Var | null;
+}
+
 export interface InitOptions {
   seed?: number;
   /** Normal std of the weight matrices (HF initializer_range; default 0.02). Norms start at 1, W_noise at 0. */
@@ -254,6 +265,8 @@ export interface InitOptions {
 
 export class MixtralTrain {
   readonly params: MixtralTrainParams;
+  /** Adapters the projections consult (not parameters of the model: namedParameters() and toHFTensors() leave them out). */
+  adapters: ProjectionAdapters | null = null;
 
   constructor(
     readonly config: MixtralTrainConfig,
@@ -382,20 +395,27 @@ export class MixtralTrain {
     const attnShape = { batch: B, seqLen: T, nHeads: c.numAttentionHeads, nKvHeads: c.numKeyValueHeads, headDim: c.headDim, slidingWindow: c.slidingWindow };
     const routing: LayerRouting[] = [];
 
+    const ad = this.adapters;
+    const proj = (u: Var, w: Var, name: string): Var => (ad ? ad.linear(name, u, w) : null) ?? linear(u, w);
+
     let x = embedding(p.embed_tokens, tokens);
     p.layers.forEach((L, l) => {
+      const b = `model.layers.${l}.`;
       // Self-attention block.
       const h = rmsNorm(x, L.input_layernorm, c.rmsNormEps);
-      const q = rope(linear(h, L.self_attn.q_proj), c.numAttentionHeads, c.headDim, positions, c.ropeTheta, 'hf');
-      const k = rope(linear(h, L.self_attn.k_proj), c.numKeyValueHeads, c.headDim, positions, c.ropeTheta, 'hf');
-      const v = linear(h, L.self_attn.v_proj);
-      x = add(x, linear(attention(q, k, v, attnShape), L.self_attn.o_proj));
+      const q = rope(proj(h, L.self_attn.q_proj, `${b}self_attn.q_proj`), c.numAttentionHeads, c.headDim, positions, c.ropeTheta, 'hf');
+      const k = rope(proj(h, L.self_attn.k_proj, `${b}self_attn.k_proj`), c.numKeyValueHeads, c.headDim, positions, c.ropeTheta, 'hf');
+      const v = proj(h, L.self_attn.v_proj, `${b}self_attn.v_proj`);
+      x = add(x, proj(attention(q, k, v, attnShape), L.self_attn.o_proj, `${b}self_attn.o_proj`));
 
       // Feed-forward block: sparse MoE or dense.
       const h2 = rmsNorm(x, L.post_attention_layernorm, c.rmsNormEps);
       if (L.block_sparse_moe) {
         const m = L.block_sparse_moe;
-        const r = sparseMoeBlock(h2, { gate: m.gate, noise: m.noise, ...m.experts }, {
+        const expertLinear = ad
+          ? (which: 'w1' | 'w2' | 'w3', u: Var, w: Var, offsets: Int32Array) => ad.groupedLinear(`${b}block_sparse_moe.experts.${which}`, u, w, offsets) ?? groupedLinear(u, w, offsets)
+          : null;
+        const r = sparseMoeBlock(h2, { gate: m.gate, noise: m.noise, ...m.experts, expertLinear }, {
           router: c.moe.router,
           k: c.numExpertsPerTok,
           training,
@@ -408,7 +428,8 @@ export class MixtralTrain {
         x = add(x, r.out);
       } else {
         const m = L.mlp!;
-        x = add(x, denseFFN(h2, m.gate_proj, m.up_proj, m.down_proj));
+        const mp = `${b}mlp.`;
+        x = add(x, ad ? proj(mul(silu(proj(h2, m.gate_proj, `${mp}gate_proj`)), proj(h2, m.up_proj, `${mp}up_proj`)), m.down_proj, `${mp}down_proj`) : denseFFN(h2, m.gate_proj, m.up_proj, m.down_proj));
       }
     });
     const logits = linear(rmsNorm(x, p.norm, c.rmsNormEps), p.lm_head);

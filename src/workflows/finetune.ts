@@ -1,8 +1,9 @@
 // `moe finetune`: instruction tuning / task fine-tuning of a trained model on `moe data instruct` shards. It is the
 // training loop of train.ts with three seams filled in: the starting model (a GGUF file, a Hugging Face directory or
 // a moe-ts training checkpoint, loaded into MixtralTrain in f32), the batches (whole examples, padded, loss only on
-// the answer tokens) and the trainable parameters (full, router frozen, experts frozen). Checkpoints, --resume, the
-// NaN stop, plots and the export at the end are train.ts's own.
+// the answer tokens) and the trainable parameters (full, router frozen, experts frozen, or LoRA adapters only:
+// src/model/lora.ts). Checkpoints, --resume, the NaN stop, plots and the export at the end are train.ts's own; LoRA
+// adds its adapters to each checkpoint and exports the merged model.
 
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -17,6 +18,8 @@ import { noGrad, type Var } from '../autograd/tape.js';
 import type { GradKernels } from '../autograd/kernels.js';
 import { MixtralTrain, inferenceConfig, isMoeLayer, mixtralTrainConfig, type MixtralTrainConfig, type MoeOptions } from '../model/mixtral-train.js';
 import { Rng } from '../util/rng.js';
+import { ADAPTER_WEIGHTS_FILE, DEFAULT_LORA, LORA_TARGETS, LoraAdapters, loraConfigProblems, mergeLoraTensors, readLoraAdapter, type LoraConfig, type LoraTarget } from '../model/lora.js';
+import { exportTrainedModel, type ExportedModel } from './export.js';
 import { readInstructShard } from './instruct.js';
 import { findCheckpoint, train, type BatchSource, type TrainBatch, type TrainerState, type TrainRunConfig } from './train.js';
 
@@ -30,12 +33,14 @@ export interface StartingModel {
   config: MixtralTrainConfig;
   /** Hugging Face-named tensors (any dtype; fromHFTensors dequantizes them to f32). */
   tensors: ReadonlyMap<string, Tensor>;
+  /** A LoRA run's checkpoint: the adapter directory merged into `tensors`. */
+  mergedAdapter?: string;
 }
 
 /**
  * Reads a model to fine-tune: a GGUF file (through the converter's GGUF -> HF naming, q/k rows back in HF order), a
  * Hugging Face checkpoint directory (config.json + safetensors), or a moe-ts training output (its checkpoint/, or
- * the checkpoint folder itself: the run's MoE options come along).
+ * the checkpoint folder itself: the run's MoE options come along; a LoRA run's adapters are merged in).
  */
 export function readStartingModel(p: string): StartingModel {
   let st: fs.Stats;
@@ -61,7 +66,11 @@ export function readStartingModel(p: string): StartingModel {
     if (!saved.model || typeof saved.model !== 'object') throw new FormatError(file, 'model: missing');
     // As train.ts resumes it: options added since the checkpoint was written take their defaults.
     const config = mixtralTrainConfig(inferenceConfig(saved.model), saved.model.moe ?? {});
-    return { path: p, format: 'checkpoint', config, tensors: readSafetensors(path.join(ckpt, 'model.safetensors')).tensors };
+    const tensors = readSafetensors(path.join(ckpt, 'model.safetensors')).tensors;
+    // A LoRA checkpoint's model.safetensors is the frozen base: the model it trained is base + adapters.
+    if (!fs.existsSync(path.join(ckpt, ADAPTER_WEIGHTS_FILE))) return { path: p, format: 'checkpoint', config, tensors };
+    const a = readLoraAdapter(ckpt);
+    return { path: p, format: 'checkpoint', config, tensors: mergeLoraTensors(tensors, { scale: a.scale, tensors: a.tensors, source: a.weightsFile }), mergedAdapter: ckpt };
   }
   if (!fs.existsSync(path.join(p, 'config.json'))) throw new FormatError(p, 'is neither a Hugging Face checkpoint (no config.json) nor a moe-ts training output (no checkpoint/)');
   const hf = readHFConfig(p);
@@ -72,18 +81,23 @@ export function readStartingModel(p: string): StartingModel {
 // ---------------------------------------------------------------------------------------------------------------
 // Which parameters train
 
-export type FinetuneMode = 'full' | 'router-frozen' | 'experts-frozen';
-export const FINETUNE_MODES: readonly FinetuneMode[] = ['full', 'router-frozen', 'experts-frozen'];
+export type FinetuneMode = 'full' | 'router-frozen' | 'experts-frozen' | 'lora';
+export const FINETUNE_MODES: readonly FinetuneMode[] = ['full', 'router-frozen', 'experts-frozen', 'lora'];
 
 const ROUTER_RE = /\.block_sparse_moe\.(gate|noise)\.weight$/;
 const EXPERTS_RE = /\.block_sparse_moe\.experts\.w[123]\.weight$/;
 
 /**
  * The parameters a mode trains: full = all; router-frozen = all but the routers (block_sparse_moe.gate, and the
- * noisy router's W_noise); experts-frozen = all but the experts' w1/w2/w3 (dense FFN layers still train). The rest
- * are frozen by the loop (no gradient computed, no optimiser state).
+ * noisy router's W_noise); experts-frozen = all but the experts' w1/w2/w3 (dense FFN layers still train); lora =
+ * the LoRA adapters attached to the model only (every weight of the model, router and norms included, is frozen).
+ * The rest are frozen by the loop (no gradient computed, no optimiser state).
  */
 export function trainableParameters(model: MixtralTrain, mode: FinetuneMode): [string, Var][] {
+  if (mode === 'lora') {
+    if (!(model.adapters instanceof LoraAdapters)) throw new Error('--mode lora: the model has no LoRA adapters attached');
+    return model.adapters.namedParameters();
+  }
   const all = model.namedParameters();
   if (mode === 'full') return all;
   const c = model.config;
@@ -292,20 +306,26 @@ export interface FinetuneConfig {
   auxCoef: number | null;
   /** Router z-loss coefficient (null: its training run's, else the project default 1e-3). */
   zCoef: number | null;
+  /** Rank, alpha and targets of the adapters (mode lora only). */
+  lora: LoraConfig;
 }
 
 /**
  * Defaults. LR 3e-4 peak (a tenth of the project's pre-training peak 3e-3, the usual fine-tuning ratio, and the top
  * of the 1e-4..3e-4 range instruction-tuning recipes use; our models are small, which tolerates the top end), cosine
  * to 3e-5 after a 5% warm-up (at most 50 steps). No weight decay: decay pulls towards zero, not towards the
- * pre-trained weights, so in fine-tuning it only erodes what pre-training learned.
+ * pre-trained weights, so in fine-tuning it only erodes what pre-training learned. LoRA (mode lora): rank 8, alpha 16
+ * on attention and experts, and a peak LR of 1e-3 (to 1e-4): the adapters start from B = 0 and only they move, so
+ * LoRA recipes run several times full fine-tuning's LR (Hu et al. 2e-4..5e-4 on 100M+ models; ours are small).
  */
 export function defaultFinetuneConfig(model: string, data: string, over: Partial<FinetuneConfig> = {}): FinetuneConfig {
   const steps = over.steps ?? 500;
+  const lora = over.mode === 'lora';
   return {
-    model, data, mode: 'full', tasks: null, steps, batchSize: 8, seqLen: 256, maxLr: 3e-4, minLr: 3e-5,
+    model, data, mode: 'full', tasks: null, steps, batchSize: 8, seqLen: 256, maxLr: lora ? 1e-3 : 3e-4, minLr: lora ? 1e-4 : 3e-5,
     warmupSteps: Math.min(50, Math.max(1, Math.round(steps * 0.05))), weightDecay: 0, clip: 1.0, seed: 1,
-    evalInterval: 50, evalBatches: 8, checkpointInterval: 50, auxCoef: null, zCoef: null, ...over,
+    evalInterval: 50, evalBatches: 8, checkpointInterval: 50, auxCoef: null, zCoef: null,
+    lora: { ...DEFAULT_LORA, targets: [...DEFAULT_LORA.targets] }, ...over,
   };
 }
 
@@ -319,11 +339,22 @@ export interface FinetuneOptions {
 }
 
 export interface FinetuneResult {
+  /** The trained model (in mode lora: the frozen base with `adapters` attached). */
   model: MixtralTrain;
+  /** Mode lora: the trained adapters; else null. */
+  adapters: LoraAdapters | null;
+  /** Mode lora, once the run finished: the adapters merged into the weights (what was exported); else null. */
+  merged: MixtralTrain | null;
   state: TrainerState;
   run: TrainRunConfig;
   examples: { train: number; val: number };
   truncated: { train: number; val: number };
+}
+
+/** A LoRA config in one key order, targets in LORA_TARGETS order (so saved and given ones compare as JSON). */
+function normLora(c: LoraConfig | undefined): LoraConfig | null {
+  if (!c || typeof c !== 'object') return null;
+  return { r: c.r, alpha: c.alpha, targets: LORA_TARGETS.filter((t) => Array.isArray(c.targets) && c.targets.includes(t)) };
 }
 
 /** What must match for --resume to continue the same run (finetune.json beside the checkpoint). */
@@ -332,6 +363,11 @@ const RESUME_KEYS = ['mode', 'tasks', 'batchSize', 'seqLen', 'seed'] as const;
 export function finetune(cfg: FinetuneConfig, o: FinetuneOptions): FinetuneResult {
   const log = o.log ?? ((s: string) => process.stderr.write(s + '\n'));
   if (!FINETUNE_MODES.includes(cfg.mode)) throw new Error(`mode must be ${FINETUNE_MODES.join(', ')}, got ${String(cfg.mode)}`);
+  if (cfg.mode === 'lora') {
+    const p = loraConfigProblems(cfg.lora ?? DEFAULT_LORA);
+    if (p.length) throw new Error(`--mode lora: ${p.join('; ')}`);
+  }
+  const lora = cfg.mode === 'lora' ? normLora(cfg.lora ?? DEFAULT_LORA) : null;
   const start = readStartingModel(cfg.model);
   const m = start.config;
   const moe: MoeOptions = {
@@ -358,32 +394,74 @@ export function finetune(cfg: FinetuneConfig, o: FinetuneOptions): FinetuneResul
   const settings = { format: 'moe-ts-finetune', version: 1, ...cfg, model: path.resolve(cfg.model), data: path.resolve(cfg.data) };
   if (o.resume && findCheckpoint(o.outDir) && fs.existsSync(settingsFile)) {
     const saved = JSON.parse(fs.readFileSync(settingsFile, 'utf8')) as Record<string, unknown>;
-    const diff = RESUME_KEYS.filter((k) => JSON.stringify(saved[k]) !== JSON.stringify(cfg[k]));
+    const keys: (keyof FinetuneConfig)[] = [...RESUME_KEYS, ...(lora ? (['lora'] as const) : [])];
+    const same = (k: keyof FinetuneConfig) => (k === 'lora' ? JSON.stringify(normLora(saved.lora as LoraConfig)) === JSON.stringify(lora) : JSON.stringify(saved[k]) === JSON.stringify(cfg[k]));
+    const diff = keys.filter((k) => !same(k));
     if (diff.length) throw new FormatError(settingsFile, `the run being resumed had other ${diff.map((k) => `${k} (${JSON.stringify(saved[k])})`).join(', ')}; resume with the same options`);
   }
   fs.writeFileSync(settingsFile, JSON.stringify(settings, null, 2) + '\n');
 
+  let adapters: LoraAdapters | null = null;
+  let merged: MixtralTrain | null = null;
+  const loraHooks = lora
+    ? {
+        // A resumed run reads its adapters (and, by name, their optimiser state) back from the checkpoint.
+        trainable: (mm: MixtralTrain, resumedFrom: string | null): [string, Var][] => {
+          adapters = resumedFrom ? LoraAdapters.read(mm, resumedFrom) : LoraAdapters.init(mm, lora, { seed: cfg.seed });
+          if (JSON.stringify(normLora(adapters.config)) !== JSON.stringify(lora)) throw new FormatError(resumedFrom!, `holds LoRA adapters with rank ${adapters.config.r}, alpha ${adapters.config.alpha}, targets ${adapters.config.targets.join(',')}; resume with the same options`);
+          adapters.attach(mm);
+          const named = trainableParameters(mm, 'lora');
+          const n = named.reduce((a, [, v]) => a + v.size, 0);
+          const total = mm.namedParameters().reduce((a, [, v]) => a + v.size, 0);
+          log(`moe finetune: LoRA rank ${lora.r}, alpha ${lora.alpha} on ${lora.targets.join(' + ')}: ${adapters.modules().length} modules, ${n} adapter parameters (${((100 * n) / total).toFixed(2)}% of the model's ${total}); every model weight, router and norms included, is frozen`);
+          return named;
+        },
+        checkpointFiles: (dir: string) => adapters!.save(dir, path.resolve(cfg.model)),
+        exportModel: (mm: MixtralTrain) => (merged = adapters!.merge(mm)),
+      }
+    : { trainable: (mm: MixtralTrain) => trainableParameters(mm, cfg.mode) };
   const { model, state } = train(run, {
     outDir: o.outDir,
     batches: instructBatches(data, { batchSize: cfg.batchSize, seqLen: cfg.seqLen, seed: cfg.seed, evalBatches: cfg.evalBatches }),
     initialModel: () => MixtralTrain.fromHFTensors(run.model, start.tensors, { source: cfg.model }),
-    trainable: (mm) => trainableParameters(mm, cfg.mode),
+    ...loraHooks,
     name: 'moe finetune',
     log,
     ...(o.resume ? { resume: true } : {}),
     ...(o.stopAfter !== undefined ? { stopAfter: o.stopAfter } : {}),
     ...(o.kernels ? { kernels: o.kernels } : {}),
   });
-  return { model, state, run, examples: { train: data.train.length, val: data.val.length }, truncated };
+  const ad = adapters as LoraAdapters | null;
+  if (ad && state.step >= run.steps) {
+    // The unmerged adapter beside the merged export, for PEFT or --merge-adapter onto another copy of the base.
+    ad.save(path.join(o.outDir, 'adapter'), path.resolve(cfg.model));
+    merged ??= ad.merge(model);
+    log(`moe finetune: wrote the adapter to ${path.join(o.outDir, 'adapter')}`);
+  }
+  return { model, adapters: ad, merged, state, run, examples: { train: data.train.length, val: data.val.length }, truncated };
+}
+
+/**
+ * `--merge-adapter`: a PEFT LoRA adapter directory merged into a model (W += scale B A for every lora_A/lora_B
+ * pair), exported like a fine-tuned model (<outDir>/hf/ and model-f32.gguf).
+ */
+export function mergeAdapter(adapterDir: string, model: string, outDir: string, log?: (s: string) => void): ExportedModel {
+  const start = readStartingModel(model);
+  const a = readLoraAdapter(adapterDir);
+  const merged = MixtralTrain.fromHFTensors(start.config, mergeLoraTensors(start.tensors, { scale: a.scale, tensors: a.tensors, source: a.weightsFile }), { source: model });
+  fs.mkdirSync(outDir, { recursive: true });
+  return exportTrainedModel(merged, outDir, log ? { log } : {});
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // CLI
 
 export const FINETUNE_USAGE =
-  'finetune --model <gguf|hf-dir|train-out> --data <instruct-dir> --out <dir> [--mode full|router-frozen|experts-frozen] [--tasks a,b] ' +
+  'finetune --model <gguf|hf-dir|train-out> --data <instruct-dir> --out <dir> [--mode full|router-frozen|experts-frozen|lora] [--tasks a,b] ' +
+  '[--lora-rank N (8)] [--lora-alpha X (16)] [--lora-targets attn,experts] ' +
   '[--steps N] [--lr X] [--min-lr X] [--warmup N] [--batch N] [--seq-len N] [--aux-coef X] [--z-coef X] [--eval-interval N] [--eval-batches N] ' +
-  '[--checkpoint-interval N] [--seed N] [--threads N] [--backend auto|native|ref] [--resume]';
+  '[--checkpoint-interval N] [--seed N] [--threads N] [--backend auto|native|ref] [--resume]\n' +
+  '       finetune --merge-adapter <adapter-dir> --model <gguf|hf-dir|train-out> --out <dir>';
 
 /** `moe finetune ...` (see FINETUNE_USAGE); prints a JSON summary line on stdout. */
 export async function finetuneCommand(argv: string[]): Promise<void> {
@@ -394,8 +472,15 @@ export async function finetuneCommand(argv: string[]): Promise<void> {
   const { values } = parse(argv, {
     model: s, data: s, out: s, mode: s, tasks: s, steps: s, lr: s, 'min-lr': s, warmup: s, batch: s, 'seq-len': s, 'aux-coef': s, 'z-coef': s,
     'eval-interval': s, 'eval-batches': s, 'checkpoint-interval': s, seed: s, threads: s, backend: s, 'stop-after': s, resume: { type: 'boolean' },
+    'lora-rank': s, 'lora-alpha': s, 'lora-targets': s, 'merge-adapter': s,
   });
   const v = (k: string) => values[k] as string | undefined;
+  if (v('merge-adapter') !== undefined) {
+    const outDir = required('out', v('out'));
+    const e = mergeAdapter(v('merge-adapter')!, required('model', v('model')), outDir, (l) => process.stderr.write(l + '\n'));
+    process.stdout.write(JSON.stringify({ merged: v('merge-adapter'), hf: e.hfDir, gguf: e.gguf, out: outDir }) + '\n');
+    return;
+  }
   const backend = v('backend');
   if (backend !== undefined && !isBackendName(backend)) throw new UsageError(`--backend must be auto, native or ref, got '${backend}'`);
   const mode = (v('mode') ?? 'full') as FinetuneMode;
@@ -403,7 +488,11 @@ export async function finetuneCommand(argv: string[]): Promise<void> {
   const tasks = v('tasks') !== undefined ? v('tasks')!.split(',').map((t) => t.trim()).filter(Boolean) : null;
   if (tasks && !tasks.length) throw new UsageError('--tasks needs at least one task name');
   const steps = intArg('steps', v('steps'), 500, 1);
-  const d = defaultFinetuneConfig(required('model', v('model')), required('data', v('data')), { steps });
+  const d = defaultFinetuneConfig(required('model', v('model')), required('data', v('data')), { steps, mode });
+  if (mode !== 'lora') for (const k of ['lora-rank', 'lora-alpha', 'lora-targets']) if (v(k) !== undefined) throw new UsageError(`--${k} needs --mode lora`);
+  const targets = v('lora-targets') !== undefined ? [...new Set(v('lora-targets')!.split(',').map((t) => t.trim()).filter(Boolean))] : d.lora.targets;
+  const badTarget = targets.find((t) => !LORA_TARGETS.includes(t as LoraTarget));
+  if (badTarget !== undefined || !targets.length) throw new UsageError(`--lora-targets must be some of ${LORA_TARGETS.join(',')}, got '${v('lora-targets')}'`);
   const maxLr = numArg('lr', v('lr'), d.maxLr, 0);
   const cfg: FinetuneConfig = {
     ...d,
@@ -420,6 +509,7 @@ export async function finetuneCommand(argv: string[]): Promise<void> {
     evalBatches: intArg('eval-batches', v('eval-batches'), d.evalBatches, 1),
     checkpointInterval: intArg('checkpoint-interval', v('checkpoint-interval'), d.checkpointInterval, 1),
     seed: intArg('seed', v('seed'), d.seed, 0),
+    lora: { r: intArg('lora-rank', v('lora-rank'), d.lora.r, 1), alpha: numArg('lora-alpha', v('lora-alpha'), d.lora.alpha, 0), targets: LORA_TARGETS.filter((t) => targets.includes(t)) },
   };
   const outDir = required('out', v('out'));
   const kernels = selectGradKernels({ threads: intArg('threads', v('threads'), 0, 0), ...(backend ? { backend } : {}) });
@@ -428,6 +518,6 @@ export async function finetuneCommand(argv: string[]): Promise<void> {
   const h = r.state.history[r.state.history.length - 1];
   const e = r.state.evals[r.state.evals.length - 1];
   process.stdout.write(
-    JSON.stringify({ step: r.state.step, mode: cfg.mode, examples: r.examples, truncated: r.truncated, tokens: r.state.tokensSeen, loss: h?.loss, ce: h?.ce, val_loss: e?.valLoss ?? null, out: outDir }) + '\n',
+    JSON.stringify({ step: r.state.step, mode: cfg.mode, ...(r.adapters && r.state.step >= cfg.steps ? { adapter: path.join(outDir, 'adapter') } : {}), examples: r.examples, truncated: r.truncated, tokens: r.state.tokensSeen, loss: h?.loss, ce: h?.ce, val_loss: e?.valLoss ?? null, out: outDir }) + '\n',
   );
 }

@@ -189,7 +189,7 @@ export class TrainingDivergedError extends Error {
 const CKPT = 'checkpoint';
 
 /** Writes a checkpoint directory atomically: a fresh folder is filled, then swapped in by rename. */
-export function saveCheckpoint(outDir: string, run: TrainRunConfig, model: MixtralTrain, opt: AdamW, state: TrainerState): string {
+export function saveCheckpoint(outDir: string, run: TrainRunConfig, model: MixtralTrain, opt: AdamW, state: TrainerState, extra?: (dir: string) => void): string {
   const final = path.join(outDir, CKPT);
   const tmp = path.join(outDir, `${CKPT}.tmp-${process.pid}`);
   fs.rmSync(tmp, { recursive: true, force: true });
@@ -203,6 +203,7 @@ export function saveCheckpoint(outDir: string, run: TrainRunConfig, model: Mixtr
   writeSafetensors(path.join(tmp, 'optimizer.safetensors'), moments, { t: String(opt.t) });
   fs.writeFileSync(path.join(tmp, 'run.json'), JSON.stringify(run, null, 2) + '\n');
   fs.writeFileSync(path.join(tmp, 'trainer_state.json'), JSON.stringify(state) + '\n');
+  extra?.(tmp);
   const old = path.join(outDir, `${CKPT}.old`);
   fs.rmSync(old, { recursive: true, force: true });
   if (fs.existsSync(final)) fs.renameSync(final, old);
@@ -230,9 +231,15 @@ export interface TrainOptions {
   /**
    * The named parameters the optimiser updates (default: all of model.namedParameters()). The model's parameters
    * not listed are frozen: requiresGrad is turned off, so no gradient is computed for them, and they have no
-   * optimiser state. (A seam for fine-tuning modes; adapters would be listed here too.)
+   * optimiser state. Parameters outside the model (LoRA adapters, which the model consults through model.adapters)
+   * may be listed too. `resumedFrom` is the checkpoint folder being resumed (null for a fresh start), so such
+   * parameters can be read back from the files `checkpointFiles` wrote there.
    */
-  trainable?: (model: MixtralTrain) => [string, Var][];
+  trainable?: (model: MixtralTrain, resumedFrom: string | null) => [string, Var][];
+  /** Writes more files into every checkpoint folder before it is swapped in (LoRA: the adapters). */
+  checkpointFiles?: (dir: string) => void;
+  /** The model exported at the end (default: the trained model; LoRA merges its adapters into a copy here). */
+  exportModel?: (model: MixtralTrain) => MixtralTrain;
   /** The command named in log lines and the progress bar (default "moe train"). */
   name?: string;
   outDir: string;
@@ -276,7 +283,7 @@ function trainWith(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain;
   } else {
     model = o.initialModel ? o.initialModel() : MixtralTrain.init(run.model, { seed: run.seed });
   }
-  const named = o.trainable ? o.trainable(model) : model.namedParameters();
+  const named = o.trainable ? o.trainable(model, ckpt) : model.namedParameters();
   if (named.length === 0) throw new Error(`${cmd}: no trainable parameters`);
   const chosen = new Set(named.map(([, v]) => v));
   for (const [, v] of model.namedParameters()) v.requiresGrad = chosen.has(v);
@@ -350,7 +357,7 @@ function trainWith(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain;
     progress.update(state.step, figures + busiest);
     if (!progress.active) log(`step ${state.step}/${run.steps} ${figures}${loadNote}`);
     if (state.step % run.evalInterval === 0 || state.step === run.steps) state.evals.push({ step: state.step, valLoss: source.validate(model) });
-    if (state.step % run.checkpointInterval === 0 || state.step === run.steps) saveCheckpoint(o.outDir, run, model, opt, state);
+    if (state.step % run.checkpointInterval === 0 || state.step === run.steps) saveCheckpoint(o.outDir, run, model, opt, state, o.checkpointFiles);
   }
   progress.finish();
   if (state.step >= run.steps) {
@@ -358,7 +365,7 @@ function trainWith(run: TrainRunConfig, o: TrainOptions): { model: MixtralTrain;
     // The finished model as checkpoints other tools read (hf/ and model-f32.gguf); a model the inference side cannot
     // express (a switch router, say) keeps its training checkpoint only.
     try {
-      const e = exportTrainedModel(model, o.outDir);
+      const e = exportTrainedModel(o.exportModel ? o.exportModel(model) : model, o.outDir);
       log(`${cmd}: exported ${e.hfDir} and ${e.gguf}`);
     } catch (err) {
       log(`${cmd}: not exported: ${(err as Error).message}`);
