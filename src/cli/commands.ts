@@ -18,6 +18,7 @@ import { DEFAULT_SERVER_OPTIONS, startServer } from '../server/http.js';
 import { trainCommand } from '../workflows/train.js';
 import { finetuneCommand } from '../workflows/finetune.js';
 import { evalCommand } from '../workflows/eval.js';
+import { evalTasksCommand } from '../workflows/eval-tasks.js';
 
 type Command = (argv: string[]) => Promise<void>;
 type Values = Record<string, string | boolean | undefined>;
@@ -264,6 +265,7 @@ export const commands: Record<string, Command> = {
   train: trainCommand,
   finetune: finetuneCommand,
   eval: evalCommand,
+  'eval-tasks': (argv) => evalTasksCommand(argv),
   inspect,
   generate: generateCmd,
   chat,

@@ -24,10 +24,15 @@ Usage: moe <command> [options]       (<m> is a GGUF file or a Hugging Face check
   data instruct --out <dir> [--seed N] [--per-task N]   FLAN-style instruction data (held-out tasks apart)
   train --config <preset|json> --data <dir> --out <dir> [--steps N] [--resume]
                                            train an MoE (or dense) model; checkpoints, loss curves, load heatmap
-  finetune --model <m|train-out> --data <instruct-dir> --out <dir> [--mode full|router-frozen|experts-frozen]
+  finetune --model <m|train-out> --data <instruct-dir> --out <dir> [--mode full|router-frozen|experts-frozen|lora]
+           [--lora-rank 8] [--lora-alpha 16] [--lora-targets attn,experts]
            [--tasks a,b] [--steps N] [--lr X] [--batch N] [--seq-len N] [--resume]
                                            instruction-tune / fine-tune (loss on answer tokens only); HF + GGUF export
+  finetune --merge-adapter <adapter-dir> --model <m> --out <dir>   merge a (PEFT) LoRA adapter; HF + GGUF export
   eval --model <m> --data <dir> [--window N] [--json]   perplexity per language on the validation shards
+  eval-tasks --model <m> --tasks <instruct-dir> [--split heldout|val|train|<file.jsonl>] [--limit N]
+           [--max-tokens N] [--parallel N] [--json] [--threads N] [--backend auto|native|ref]
+                                           exact match per task and language (greedy, chat template)
   serve --model <m> [--host 127.0.0.1] [--port 8080] [--api-key K] [--parallel N] [--max-queue N] [--ctx N]
                                            OpenAI-compatible HTTP API and the playground at /
   start                                    chat with the default model (what \`npm start\` runs)
