@@ -64,6 +64,34 @@ test('val items are disjoint from train items', () => {
   for (const x of exprs(ex.val)) assert.ok(!tr.has(x), `${x} in both train and val`);
 });
 
+test('heldout-train / heldout-val: only held-out tasks, every language, and items disjoint from the heldout evaluation', () => {
+  assert.equal(ex['heldout-train'].length, PER_TASK * HELDOUT_TASKS.length);
+  assert.equal(ex['heldout-val'].length, Math.max(5, Math.ceil(PER_TASK / 10)) * HELDOUT_TASKS.length);
+  for (const split of ['heldout-train', 'heldout-val'] as const) {
+    for (const e of ex[split]) assert.ok(HELDOUT_TASKS.includes(e.task as never), `${split} has ${e.task}`);
+    for (const task of HELDOUT_TASKS) {
+      const langs = new Set(ex[split].filter((e) => e.task === task).map((e) => e.lang));
+      assert.deepEqual([...langs].sort(), [...INSTRUCT_LANGUAGES].sort(), `${split}: languages of ${task}`);
+    }
+  }
+  // The item is the word (sentiment, letter_count: the longest quoted text of the prompt; the letter is the other)
+  // or the emoji (emoji_name: its name in the instruction's language identifies it). An evaluation item never
+  // appears in fine-tuning data, nor a fine-tuning val item in fine-tuning train.
+  const item = (e: InstructExample) =>
+    e.task === 'emoji_name'
+      ? `${e.lang}:${e.messages[1]!.content}`
+      : [...e.messages[0]!.content.matchAll(/[«"„“]\s?([^»"“”]+?)\s?[»"“”]/gu)].map((m) => m[1]!).sort((a, b) => b.length - a.length)[0]!;
+  const items = (s: InstructExample[], task: string) => new Set(s.filter((e) => e.task === task).map(item));
+  for (const task of HELDOUT_TASKS) {
+    const evalItems = items(ex.heldout, task);
+    const trainItems = items(ex['heldout-train'], task);
+    const valItems = items(ex['heldout-val'], task);
+    assert.ok(evalItems.size > 5 && trainItems.size > 5, `${task}: items found`);
+    for (const x of trainItems) assert.ok(!evalItems.has(x), `${task}: '${x}' in heldout and heldout-train`);
+    for (const x of valItems) assert.ok(!evalItems.has(x) && !trainItems.has(x), `${task}: '${x}' in heldout-val and another split`);
+  }
+});
+
 test('every task has at least 3 phrasings in each language, written with its own placeholders', () => {
   for (const task of INSTRUCT_TASKS) for (const l of INSTRUCT_LANGUAGES) assert.ok(PHRASINGS[task][l].length >= 3, `${task}/${l}`);
   for (const e of [...ex.train, ...ex.val, ...ex.heldout]) {
@@ -219,6 +247,13 @@ test('moe data instruct: writes the splits; --out is required', async () => {
     assert.equal(index.seed, 2);
     for (const s of ['train', 'val', 'heldout']) assert.equal(readInstructShard(path.join(dir, `${s}.instr`)).offsets.length - 1, index.counts[s]!.examples);
     assert.equal(index.counts.heldout!.examples, 5 * HELDOUT_TASKS.length);
+    // The held-out tasks' fine-tuning data is a folder `moe finetune --data` reads as it is.
+    for (const s of ['train', 'val']) {
+      const n = index.counts[`heldout-${s}`]!.examples;
+      assert.equal(readInstructShard(path.join(dir, 'heldout-tasks', `${s}.instr`)).offsets.length - 1, n);
+      assert.equal(fs.readFileSync(path.join(dir, 'heldout-tasks', `${s}.jsonl`), 'utf8').trim().split('\n').length, n);
+    }
+    assert.equal(index.counts['heldout-train']!.examples, 5 * HELDOUT_TASKS.length);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

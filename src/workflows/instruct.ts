@@ -216,8 +216,20 @@ function fill(t: string, v: Record<string, string>): string {
 // ---------------------------------------------------------------------------------------------------------------
 // Example generation
 
-export type InstructSplit = 'train' | 'val' | 'heldout';
-export const INSTRUCT_SPLITS: readonly InstructSplit[] = ['train', 'val', 'heldout'];
+/**
+ * train / val: the held-in tasks (instruction tuning). heldout: the held-out tasks' evaluation examples.
+ * heldout-train / heldout-val: training examples of the held-out tasks, from items (words, emoji) disjoint from
+ * heldout's, for fine-tuning on those tasks (FLAN-MoE's "fine-tuned on the task" conditions); written to
+ * <out>/heldout-tasks/{train,val}, a data folder `moe finetune --data` reads as it is.
+ */
+export type InstructSplit = 'train' | 'val' | 'heldout' | 'heldout-train' | 'heldout-val';
+export const INSTRUCT_SPLITS: readonly InstructSplit[] = ['train', 'val', 'heldout', 'heldout-train', 'heldout-val'];
+/** The folder (under the data folder) of the held-out tasks' fine-tuning data. */
+export const HELDOUT_TASKS_DIR = 'heldout-tasks';
+/** A split's files, without extension, relative to the data folder. */
+export function instructSplitBase(split: InstructSplit): string {
+  return split === 'heldout-train' ? `${HELDOUT_TASKS_DIR}/train` : split === 'heldout-val' ? `${HELDOUT_TASKS_DIR}/val` : split;
+}
 
 export interface InstructExample {
   /** One task, or "a+b" for a two-task conversation. */
@@ -229,7 +241,7 @@ export interface InstructExample {
 
 export interface GenerateInstructOptions {
   seed?: number;
-  /** Train examples per held-in task (val: a tenth, at least 5; held-out tasks: this many each). */
+  /** Train examples per held-in task (val: a tenth, at least 5; held-out tasks: this many each in heldout and in heldout-train). */
   perTask?: number;
   /** Share of items (by hash of the item) kept for validation; they never appear in train. */
   valFraction?: number;
@@ -351,17 +363,25 @@ export function generateInstructExamples(m: InstructMaterial, opts: GenerateInst
   const valFraction = opts.valFraction ?? 0.1;
   const multi = opts.multiTurnFraction ?? 0.1;
   const valCount = Math.max(5, Math.ceil(perTask / 10));
-  const out: Record<InstructSplit, InstructExample[]> = { train: [], val: [], heldout: [] };
+  const out: Record<InstructSplit, InstructExample[]> = { train: [], val: [], heldout: [], 'heldout-train': [], 'heldout-val': [] };
   for (const task of INSTRUCT_TASKS) {
     // One generator per task: adding a task or changing another's size leaves this task's examples as they are.
     const rng = new Rng(seed * 1009 + INSTRUCT_TASKS.indexOf(task));
     const all = taskItems(m, task);
     if (!all.length) throw new Error(`instruct: task ${task} has no items (material incomplete?)`);
+    const hashSplit = (salt: string, x: (typeof all)[number], f: number) => splitOfHash(documentHash(`${salt}${task}\u0000${x.key}`), f);
+    // A held-out task's items: half evaluate (heldout), half fine-tune on the task (heldout-train / heldout-val).
+    const evalPool = all.filter((x) => hashSplit('', x, 0.5) === 'val');
+    const ftPool = all.filter((x) => hashSplit('', x, 0.5) === 'train');
     const plan: [InstructSplit, number, typeof all][] = HELDOUT_TASKS.includes(task)
-      ? [['heldout', perTask, all]]
+      ? [
+          ['heldout', perTask, evalPool],
+          ['heldout-train', perTask, ftPool.filter((x) => hashSplit('ft\u0000', x, valFraction) === 'train')],
+          ['heldout-val', valCount, ftPool.filter((x) => hashSplit('ft\u0000', x, valFraction) === 'val')],
+        ]
       : [
-          ['train', perTask, all.filter((x) => splitOfHash(documentHash(`${task}\u0000${x.key}`), valFraction) === 'train')],
-          ['val', valCount, all.filter((x) => splitOfHash(documentHash(`${task}\u0000${x.key}`), valFraction) === 'val')],
+          ['train', perTask, all.filter((x) => hashSplit('', x, valFraction) === 'train')],
+          ['val', valCount, all.filter((x) => hashSplit('', x, valFraction) === 'val')],
         ];
     for (const [split, n, pool] of plan) {
       if (!pool.length) throw new Error(`instruct: task ${task} has no ${split} items`);
@@ -529,8 +549,10 @@ export function buildInstructData(outDir: string, opts: GenerateInstructOptions 
   const counts = {} as InstructBuildResult['counts'];
   for (const split of INSTRUCT_SPLITS) {
     const enc = ex[split].map((e) => encodeInstructExample(tok, e.messages));
-    writeInstructShard(path.join(outDir, `${split}.instr`), { vocabSize: tok.vocabSize, bosId: tok.bosId, eosId: tok.eosId }, enc);
-    fs.writeFileSync(path.join(outDir, `${split}.jsonl`), ex[split].map((e) => JSON.stringify(e)).join('\n') + '\n');
+    const base = path.join(outDir, instructSplitBase(split));
+    fs.mkdirSync(path.dirname(base), { recursive: true });
+    writeInstructShard(`${base}.instr`, { vocabSize: tok.vocabSize, bosId: tok.bosId, eosId: tok.eosId }, enc);
+    fs.writeFileSync(`${base}.jsonl`, ex[split].map((e) => JSON.stringify(e)).join('\n') + '\n');
     const byTask: Record<string, number> = {};
     const byLang: Record<string, number> = {};
     for (const e of ex[split]) {
@@ -562,6 +584,6 @@ export async function instructDataCommand(argv: string[]): Promise<void> {
   const perTask = intArg('per-task', values['per-task'] as string | undefined, 1000, 1);
   const { counts } = buildInstructData(out, { seed, perTask, ...(values.material !== undefined ? { materialDir: values.material as string } : {}) });
   const lines = [`instruction data in ${out} (held-out tasks: ${HELDOUT_TASKS.join(', ')}):`];
-  for (const s of INSTRUCT_SPLITS) lines.push(`  ${s}: ${counts[s].examples} examples, ${counts[s].tokens.toLocaleString('en-US')} tokens (${counts[s].answerTokens.toLocaleString('en-US')} answer tokens)`);
+  for (const s of INSTRUCT_SPLITS) lines.push(`  ${instructSplitBase(s)}: ${counts[s].examples} examples, ${counts[s].tokens.toLocaleString('en-US')} tokens (${counts[s].answerTokens.toLocaleString('en-US')} answer tokens)`);
   process.stdout.write(lines.join('\n') + '\n');
 }
