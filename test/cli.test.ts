@@ -2,11 +2,11 @@
  * End-to-end tests of the `moe` command line: the built CLI (bin/moe.js) runs as a child process, and what it prints
  * is checked against the library, against readers nobody here wrote (gguf-py's view of the micro files, stored
  * llama.cpp logits, npm mistral-tokenizer-js) and against counts made here from the tensor shapes.
- * The model with the real Mistral v1 vocabulary is the stand-in `moe start` writes, in one temporary cache.
+ * The model with the real Mistral v1 vocabulary is the default model `moe start` runs (models/, committed).
  */
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -31,7 +31,7 @@ const { default: mistralTokenizer } = (await import(mistralPkg)) as {
 
 let tmp = '';
 let cache = '';
-let STAND_IN = '';
+const DEFAULT_MODEL = path.join(ROOT, 'models', 'moe-ts-instruct-moe-f16.gguf');
 let env: NodeJS.ProcessEnv = {};
 
 interface Run {
@@ -107,17 +107,15 @@ function countParameters(tensors: { name: string; shape: readonly number[] }[], 
   return { total, active: total - (experts * (E - k)) / E };
 }
 
-// First run of `moe start` (empty stdin): writes the stand-in into the fresh cache; the tests below check its output.
+// First run of `moe start` (empty stdin); the tests below check its output.
 let firstStart: Run;
 before(() => {
   tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'moe-cli-test-'));
   cache = path.join(tmp, 'cache');
   env = { ...process.env, MOE_CACHE_DIR: cache };
   delete env.MOE_DEBUG; // it turns on stack traces, which these tests check are absent
+  delete env.MOE_DEFAULT_MODEL;
   firstStart = moe(['start']); // exactly what `npm start` runs
-  const written = fs.readdirSync(cache).filter((f) => /^stand-in-mixtral-f32-[0-9a-f]{12}\.gguf$/.test(f));
-  assert.equal(written.length, 1, `one stand-in file in the cache, found ${fs.readdirSync(cache).join(', ')}`);
-  STAND_IN = path.join(cache, written[0]);
 });
 
 after(() => {
@@ -127,14 +125,12 @@ after(() => {
 // ---------------------------------------------------------------------------------------------------------------
 // start (what `npm start` runs)
 
-const STAND_IN_NOTICE = /no trained default model ships yet[\s\S]*stand-in[\s\S]*RANDOM weights/;
+const DEFAULT_NOTICE = /moe-ts-instruct-moe, the project's own tiny MoE[\s\S]*instruction-tuned[\s\S]*docs\/instruct-tuning\.md/;
 
-test('start with empty stdin: writes the stand-in once, says what it is on stderr, runs one demo generation', () => {
+test('start with empty stdin: runs the committed default model, says what it is on stderr, runs one demo generation', () => {
   assert.equal(firstStart.status, 0, firstStart.stderr);
-  assert.ok(fs.existsSync(STAND_IN), 'the stand-in is written into MOE_CACHE_DIR');
-  assert.match(firstStart.stderr, /writing the stand-in model to .*first run only/);
-  assert.ok(firstStart.stderr.includes(STAND_IN), 'names where it writes');
-  assert.match(firstStart.stderr, STAND_IN_NOTICE);
+  assert.match(firstStart.stderr, DEFAULT_NOTICE);
+  assert.ok(!fs.existsSync(cache) || fs.readdirSync(cache).length === 0, 'nothing is downloaded or written');
   const lines = firstStart.stdout.split('\n');
   assert.match(lines[0], /^> \S/, 'echoes the demo prompt');
   const m = /\[(\d+) tokens, prefill [\d.]+ tok\/s, decode [\d.]+ tok\/s\]/.exec(firstStart.stdout);
@@ -143,16 +139,60 @@ test('start with empty stdin: writes the stand-in once, says what it is on stder
   assert.doesNotMatch(firstStart.stderr, /^\s+at /m);
 });
 
-test('start with "hello" piped: answers it from the cached stand-in (no rewrite), exit 0', () => {
-  const r = moe(['start', '--max-tokens', '4', '--seed', '1'], 'hello\n');
+test('start with a prompt piped: answers it with the default model, greedy = `moe generate --chat` on the same file', () => {
+  const q = 'Quelle langue est-ce ? Der Text wird in der Tabelle angezeigt.';
+  const r = moe(['start', '--max-tokens', '8', '--temperature', '0'], `${q}\n`);
   assert.equal(r.status, 0, r.stderr);
-  assert.doesNotMatch(r.stderr, /writing the stand-in/, 'the cached file is reused');
-  assert.match(r.stderr, STAND_IN_NOTICE);
-  assert.ok(r.stdout.startsWith('> hello\n'), r.stdout);
+  assert.ok(r.stdout.startsWith(`> ${q}\n`), r.stdout);
   // The answer, then one stats line for the one prompt line.
-  const m = /^> hello\n[^]*\n\[(\d+) tokens, prefill [\d.]+ tok\/s, decode [\d.]+ tok\/s\]\n$/.exec(r.stdout);
-  assert.ok(m && +m[1] >= 1 && +m[1] <= 4, r.stdout);
-  assert.equal(r.stdout.split('\n> ').length, 1, 'one prompt answered');
+  const m = /^> [^\n]*\n([^]*)\n\[(\d+) tokens, prefill [\d.]+ tok\/s, decode [\d.]+ tok\/s\]\n$/.exec(r.stdout);
+  assert.ok(m && +m[2] >= 1 && +m[2] <= 8, r.stdout);
+  const g = genJson(DEFAULT_MODEL, ['--prompt', q, '--chat', '--max-tokens', '8', '--temperature', '0']);
+  assert.equal(m[1], g.text.replace(/^ /, ''));
+});
+
+test('start: MOE_DEFAULT_MODEL names another model; a missing default model is a clear error', () => {
+  const saved = env;
+  try {
+    env = { ...saved, MOE_DEFAULT_MODEL: MICRO };
+    const r = moe(['start', '--max-tokens', '2'], 'hi\n');
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stderr, /default model .*micro-f32\.gguf \(MOE_DEFAULT_MODEL\)/);
+    env = { ...saved, MOE_DEFAULT_MODEL: path.join(tmp, 'nope.gguf') };
+    const bad = moe(['start'], 'hi\n');
+    assert.notEqual(bad.status, 0);
+    assert.match(bad.stderr, /default model .*nope\.gguf is missing/);
+    assert.doesNotMatch(bad.stderr, /^\s+at /m);
+  } finally {
+    env = saved;
+  }
+});
+
+test('serve without --model serves the default model; SIGTERM shuts it down', async () => {
+  const child = spawn(process.execPath, [BIN, 'serve', '--port', '0'], { env, cwd: ROOT, stdio: ['ignore', 'ignore', 'pipe'] });
+  try {
+    let stderr = '';
+    const url = await new Promise<string>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no listening line: ${stderr}`)), 60_000);
+      child.stderr.on('data', (d: Buffer) => {
+        stderr += d.toString('utf8');
+        const m = /moe serve: (.+) on (http:\/\/\S+) /.exec(stderr);
+        if (m) {
+          clearTimeout(timer);
+          assert.equal(m[1], DEFAULT_MODEL);
+          resolve(m[2]!);
+        }
+      });
+      child.once('exit', (code) => reject(new Error(`serve exited (${code}): ${stderr}`)));
+    });
+    const models = (await (await fetch(`${url}/v1/models`)).json()) as { data: { id: string; config: { numLocalExperts: number } }[] };
+    assert.equal(models.data.length, 1);
+    assert.equal(models.data[0]!.config.numLocalExperts, 8);
+  } finally {
+    const exited = new Promise((r) => child.once('exit', r));
+    child.kill('SIGTERM');
+    assert.equal(await exited, 0);
+  }
 });
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -227,19 +267,22 @@ test('inspect (text) of micro-q4_0: architecture, parameter counts, dtypes, ever
   assert.match(text, new RegExp(`^tokenizer: .*\\b${vocab} tokens, bos=${meta.get('tokenizer.ggml.bos_token_id')} eos=${meta.get('tokenizer.ggml.eos_token_id')} unk=${meta.get('tokenizer.ggml.unknown_token_id')}\\b`, 'm'));
 });
 
-test('inspect --json of the stand-in: Mistral v1 vocabulary, counts from the tensor shapes in the file', () => {
-  const f = readGGUF(STAND_IN);
+test('inspect --json of the default model: Mistral v1 vocabulary, counts from the tensor shapes in the file', () => {
+  const f = readGGUF(DEFAULT_MODEL);
   const E = f.metadata.get('llama.expert_count')!.value as number;
   const k = f.metadata.get('llama.expert_used_count')!.value as number;
-  const d = json(['inspect', '--json', STAND_IN]);
+  const d = json(['inspect', '--json', DEFAULT_MODEL]);
   const tensors = f.tensorInfos.map((t) => ({ name: t.name, dtype: t.dtype, shape: [...t.shape] }));
   assert.deepEqual(d.tensors, tensors);
   assert.deepEqual(d.parameters, countParameters(tensors, E, k));
-  assert.deepEqual(d.dtypes, { f32: tensors.length });
+  const dtypes: Record<string, number> = {};
+  for (const t of tensors) dtypes[t.dtype] = (dtypes[t.dtype] ?? 0) + 1;
+  assert.deepEqual(d.dtypes, dtypes);
+  assert.ok(dtypes.f16! > 0, 'an f16 file');
   // Mistral v1: 32000 pieces, <unk>=0, <s>=1, </s>=2.
   assert.deepEqual(d.tokenizer, { ...d.tokenizer, vocabSize: 32000, bos: 1, eos: 2, unk: 0 });
   assert.equal(d.config.vocabSize, 32000);
-  assert.match(ok(['inspect', STAND_IN]), /chat template: built-in Mistral \[INST\]/);
+  assert.match(ok(['inspect', DEFAULT_MODEL]), /chat template: built-in Mistral \[INST\]/);
 });
 
 test('an HF checkpoint directory without tokenizer files is refused with a "no tokenizer" error naming it', () => {
@@ -312,16 +355,16 @@ test('generate, temperature 1: one seed gives the same output twice, as the libr
   assert.deepEqual([s1.text, s1.tokens], [r.text, r.tokens]);
 });
 
-test('generate --chat on the Mistral-vocab stand-in: the prompt is "<s>[INST] p [/INST]" as `moe tokenize` gives it', () => {
+test('generate --chat on the default model (Mistral vocab): the prompt is "<s>[INST] p [/INST]" as `moe tokenize` gives it', () => {
   const p = 'What is a mixture of experts?';
-  const chat = genJson(STAND_IN, ['--prompt', p, '--chat', '--max-tokens', '3', '--temperature', '0']);
+  const chat = genJson(DEFAULT_MODEL, ['--prompt', p, '--chat', '--max-tokens', '3', '--temperature', '0']);
   // llama.cpp and HF tokenize the text after the "<s>" special token with the SentencePiece dummy prefix, which
   // is what `moe tokenize` (BOS added) does to the text without "<s>".
-  const ids = json<{ ids: number[] }>(['tokenize', '--model', STAND_IN], `[INST] ${p} [/INST]`).ids;
+  const ids = json<{ ids: number[] }>(['tokenize', '--model', DEFAULT_MODEL], `[INST] ${p} [/INST]`).ids;
   assert.deepEqual(ids, [1, ...mistralTokenizer.encode(`[INST] ${p} [/INST]`, false, true)], 'independent tokenizer');
   assert.equal(chat.prompt_tokens, ids.length, 'the chat prompt has the template\'s tokens');
   // The same ids as a plain prompt: the same greedy continuation (the chat answer drops its one leading space).
-  const plain = genJson(STAND_IN, ['--prompt', `[INST] ${p} [/INST]`, '--max-tokens', '3', '--temperature', '0']);
+  const plain = genJson(DEFAULT_MODEL, ['--prompt', `[INST] ${p} [/INST]`, '--max-tokens', '3', '--temperature', '0']);
   assert.equal(plain.prompt_tokens, ids.length);
   assert.deepEqual(chat.tokens, plain.tokens);
   assert.equal(chat.text, plain.text.replace(/^ /, ''));
@@ -390,14 +433,14 @@ test('convert GGUF -> HF directory -> q8_0 GGUF: the directory gives the same lo
 
 const LINES = ['Hello world', '  two leading spaces, a tab\tand a newline\nhere', 'Mixtral 8x7B: 46.7B params 🌊 日本語 café', ''];
 
-test('tokenize (whole stdin) matches the library tokenizer, with and without BOS; on the stand-in also mistral-tokenizer-js', () => {
-  for (const file of [MICRO, STAND_IN]) {
+test('tokenize (whole stdin) matches the library tokenizer, with and without BOS; on the default model also mistral-tokenizer-js', () => {
+  for (const file of [MICRO, DEFAULT_MODEL]) {
     const tok = lib(file).tokenizer;
     for (const text of LINES.slice(0, 3)) {
       const withBos = json<{ ids: number[] }>(['tokenize', '--model', file], text).ids;
       assert.deepEqual(withBos, tok.encode(text, { addBos: true }), `${path.basename(file)}: ${JSON.stringify(text)}`);
       assert.equal(withBos[0], tok.bosId);
-      if (file === STAND_IN) assert.deepEqual(withBos, mistralTokenizer.encode(text, true, true), `mistral-tokenizer-js: ${JSON.stringify(text)}`);
+      if (file === DEFAULT_MODEL) assert.deepEqual(withBos, mistralTokenizer.encode(text, true, true), `mistral-tokenizer-js: ${JSON.stringify(text)}`);
     }
     const noBos = json<{ ids: number[] }>(['tokenize', '--model', file, '--no-bos'], LINES[1]).ids;
     assert.deepEqual(noBos, tok.encode(LINES[1], { addBos: false }));
@@ -405,11 +448,11 @@ test('tokenize (whole stdin) matches the library tokenizer, with and without BOS
 });
 
 test('tokenize --jsonl: one JSON array per JSON-string line ("\\n", emoji, CJK, empty string); blank lines skipped', () => {
-  const tok = lib(STAND_IN).tokenizer;
+  const tok = lib(DEFAULT_MODEL).tokenizer;
   const input = LINES.map((l) => JSON.stringify(l)).join('\n') + '\n\n' + JSON.stringify('last') + '\n';
   const texts = [...LINES, 'last'];
   for (const noBos of [false, true]) {
-    const out = ok(['tokenize', '--model', STAND_IN, '--jsonl', ...(noBos ? ['--no-bos'] : [])], input);
+    const out = ok(['tokenize', '--model', DEFAULT_MODEL, '--jsonl', ...(noBos ? ['--no-bos'] : [])], input);
     const rows = out.trimEnd().split('\n').map((l) => JSON.parse(l) as number[]);
     assert.equal(rows.length, texts.length);
     texts.forEach((t, i) => {
@@ -539,7 +582,7 @@ test('a reader that closes the pipe early (| head -c 10): no EPIPE trace, exit 0
     // Greedy micro generation runs on for hundreds of tokens after head has gone.
     ['generate', '--model', MICRO, '--prompt', PROMPT, '--max-tokens', '2000', '--temperature', '0'],
     // Megabytes of logits: more than a pipe buffer, so the write must fail.
-    ['logits', '--model', STAND_IN, '--tokens', '1,2,3,4'],
+    ['logits', '--model', DEFAULT_MODEL, '--tokens', '1,2,3,4'],
   ]) {
     const cmd = `(${node} ${q(BIN)} ${args.map(q).join(' ')}; echo "moe exit $?" >&2) | head -c 10`;
     const r = spawnSync('/bin/sh', ['-c', cmd], { env, cwd: ROOT, timeout: 60_000 });

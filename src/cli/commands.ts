@@ -237,9 +237,11 @@ const serve: Command = async (argv) => {
   const backend = backendArg(values);
   const d = DEFAULT_SERVER_OPTIONS;
   const apiKey = (values['api-key'] as string | undefined) ?? process.env.MOE_API_KEY;
+  // Without --model, the default model `moe start` chats with (as `ollama serve` serves what is installed).
+  const modelPath = (values.model as string | undefined) ?? (await defaultModelPath()).path;
   const s = await startServer({
     ...d,
-    modelPath: required('model', values.model as string | undefined),
+    modelPath,
     host: (values.host as string | undefined) ?? d.host,
     port: intArg('port', values.port as string | undefined, d.port, 0),
     parallel: intArg('parallel', values.parallel as string | undefined, d.parallel, 1),
@@ -249,7 +251,7 @@ const serve: Command = async (argv) => {
     ...(values.ctx !== undefined ? { contextLength: intArg('ctx', values.ctx as string | undefined, 0, 2) } : {}),
     ...(apiKey ? { apiKey } : {}),
   });
-  process.stderr.write(`moe serve: ${values.model} on ${s.url} (OpenAI API at ${s.url}/v1, playground at ${s.url}/)${apiKey ? ', API key required' : ''}\n`);
+  process.stderr.write(`moe serve: ${modelPath} on ${s.url} (OpenAI API at ${s.url}/v1, playground at ${s.url}/)${apiKey ? ', API key required' : ''}\n`);
   await new Promise<void>((resolve) => {
     const stop = () => {
       process.stderr.write('moe serve: shutting down\n');

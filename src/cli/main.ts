@@ -33,7 +33,7 @@ Usage: moe <command> [options]       (<m> is a GGUF file or a Hugging Face check
   eval-tasks --model <m> --tasks <instruct-dir> [--split heldout|val|train|<file.jsonl>] [--limit N]
            [--max-tokens N] [--parallel N] [--json] [--threads N] [--backend auto|native|ref]
                                            exact match per task and language (greedy, chat template)
-  serve --model <m> [--host 127.0.0.1] [--port 8080] [--api-key K] [--parallel N] [--max-queue N] [--ctx N]
+  serve [--model <m>] [--host 127.0.0.1] [--port 8080] [--api-key K] [--parallel N] [--max-queue N] [--ctx N]
                                            OpenAI-compatible HTTP API and the playground at /
   start                                    chat with the default model (what \`npm start\` runs)
 `;

@@ -1,5 +1,5 @@
 // Seeded random Mixtral models, written with the project's own GGUF writer: test fixtures of any shape for the
-// live comparisons with llama.cpp, and the stand-in default model until a trained one ships.
+// live comparisons with llama.cpp, the benchmark model and the tests.
 
 import type { MixtralConfig } from '../model/config.js';
 import type { Tensor } from '../tensor/tensor.js';
