@@ -20,6 +20,7 @@ import { writeHFConfig } from '../src/formats/hf-config.js';
 import { writeSafetensors } from '../src/formats/safetensors.js';
 import { Rng } from '../src/util/rng.js';
 import { assertFormatError } from './helpers/assert-format-error.js';
+import { commandStdout, lastJsonLine } from './helpers/command-output.js';
 
 const V = 64;
 const BOS = 1;
@@ -199,18 +200,7 @@ test('--tasks keeps only examples of those tasks (the .jsonl gives each shard ex
 
 test('the command: --tasks and --mode reach the run; the summary line counts the chosen examples', async () => {
   const out = path.join(dir, 'cli');
-  let stdout = '';
-  const write = process.stdout.write.bind(process.stdout);
-  const err = process.stderr.write.bind(process.stderr);
-  process.stdout.write = ((s: string) => ((stdout += s), true)) as typeof process.stdout.write;
-  process.stderr.write = (() => true) as typeof process.stderr.write;
-  try {
-    await finetuneCommand(['--model', hfModel, '--data', data, '--out', out, '--tasks', 'succ', '--mode', 'router-frozen', '--steps', '2', '--batch', '2', '--seq-len', '4', '--eval-batches', '1', '--backend', 'ref']);
-  } finally {
-    process.stdout.write = write;
-    process.stderr.write = err;
-  }
-  const j = JSON.parse(stdout.trim().split('\n').pop()!);
+  const j = lastJsonLine(await commandStdout(() => finetuneCommand(['--model', hfModel, '--data', data, '--out', out, '--tasks', 'succ', '--mode', 'router-frozen', '--steps', '2', '--batch', '2', '--seq-len', '4', '--eval-batches', '1', '--backend', 'ref'])));
   assert.equal(j.step, 2);
   assert.equal(j.mode, 'router-frozen');
   assert.deepEqual(j.examples, { train: 4, val: 2 });
@@ -305,7 +295,7 @@ test('SIGKILL mid-run, then --resume: the same final loss as an uninterrupted ru
   const env = { ...process.env, MOE_PROGRESS: '0' };
   const whole = spawnSync(process.execPath, args(path.join(dir, 'kill-a')), { encoding: 'utf8', env });
   assert.equal(whole.status, 0, whole.stderr);
-  const wholeResult = JSON.parse(whole.stdout.trim().split('\n').pop()!);
+  const wholeResult = lastJsonLine(whole.stdout);
   const outB = path.join(dir, 'kill-b');
   const child = spawn(process.execPath, args(outB), { stdio: 'ignore', env });
   await new Promise<void>((resolve, reject) => {
@@ -325,7 +315,7 @@ test('SIGKILL mid-run, then --resume: the same final loss as an uninterrupted ru
   const resumed = spawnSync(process.execPath, [...args(outB), '--resume'], { encoding: 'utf8', env });
   assert.equal(resumed.status, 0, resumed.stderr);
   assert.match(resumed.stderr, /moe finetune: resumed from .* at step \d+/);
-  const r = JSON.parse(resumed.stdout.trim().split('\n').pop()!);
+  const r = lastJsonLine(resumed.stdout);
   assert.equal(r.step, 120);
   assert.equal(r.loss, wholeResult.loss);
   assert.equal(r.val_loss, wholeResult.val_loss);

@@ -27,6 +27,7 @@ import { f32Tensor } from '../src/tensor/tensor.js';
 import { loadModel } from '../src/model/load.js';
 import { Rng } from '../src/util/rng.js';
 import { assertFormatError } from './helpers/assert-format-error.js';
+import { commandStdout, lastJsonLine } from './helpers/command-output.js';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'moe-lora-'));
 after(() => fs.rmSync(dir, { recursive: true, force: true }));
@@ -364,18 +365,7 @@ test('a LoRA run from a GGUF: the exported GGUF and HF dir load and give the mer
     assert.ok(dd < 1e-4, `${file}: ${dd}`);
   }
   // The unmerged adapter merged onto the same base by the command gives the same weights.
-  let stdout = '';
-  const write = process.stdout.write.bind(process.stdout);
-  const err = process.stderr.write.bind(process.stderr);
-  process.stdout.write = ((s: string) => ((stdout += s), true)) as typeof process.stdout.write;
-  process.stderr.write = (() => true) as typeof process.stderr.write;
-  try {
-    await finetuneCommand(['--merge-adapter', path.join(out, 'adapter'), '--model', e.gguf, '--out', path.join(dir, 'merged-cli')]);
-  } finally {
-    process.stdout.write = write;
-    process.stderr.write = err;
-  }
-  const j = JSON.parse(stdout.trim().split('\n').pop()!);
+  const j = lastJsonLine(await commandStdout(() => finetuneCommand(['--merge-adapter', path.join(out, 'adapter'), '--model', e.gguf, '--out', path.join(dir, 'merged-cli')])));
   const again = readStartingModel(j.gguf);
   for (const [name, t] of r.merged.toHFTensors()) assert.ok(Buffer.compare(Buffer.from(again.tensors.get(name)!.data), Buffer.from(t.data)) === 0, name);
   assert.ok(fs.existsSync(path.join(dir, 'merged-cli', 'hf', 'config.json')));
@@ -386,21 +376,13 @@ test('a LoRA run from a GGUF: the exported GGUF and HF dir load and give the mer
 
 test('the command: --mode lora with --lora-rank/--lora-alpha/--lora-targets; LoRA flags without --mode lora are refused', async () => {
   const out = path.join(dir, 'cli');
-  let stdout = '';
-  const write = process.stdout.write.bind(process.stdout);
-  const err = process.stderr.write.bind(process.stderr);
-  process.stdout.write = ((s: string) => ((stdout += s), true)) as typeof process.stdout.write;
-  process.stderr.write = (() => true) as typeof process.stderr.write;
-  try {
+  const stdout = await commandStdout(async () => {
     await finetuneCommand(['--model', hfModel, '--data', data, '--out', out, '--mode', 'lora', '--lora-rank', '3', '--lora-alpha', '6', '--lora-targets', 'experts',
       '--steps', '2', '--batch', '2', '--seq-len', '8', '--eval-batches', '1', '--backend', 'ref']);
     await assert.rejects(finetuneCommand(['--model', hfModel, '--data', data, '--out', out, '--lora-rank', '3']), /--lora-rank needs --mode lora/);
     await assert.rejects(finetuneCommand(['--model', hfModel, '--data', data, '--out', out, '--mode', 'lora', '--lora-targets', 'attn,mlp']), /--lora-targets must be/);
-  } finally {
-    process.stdout.write = write;
-    process.stderr.write = err;
-  }
-  const j = JSON.parse(stdout.trim().split('\n').pop()!);
+  });
+  const j = lastJsonLine(stdout);
   assert.equal(j.mode, 'lora');
   assert.equal(j.step, 2);
   assert.equal(j.adapter, path.join(out, 'adapter'));

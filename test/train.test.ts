@@ -11,6 +11,7 @@ import { train, TRAIN_PRESETS, TrainingDivergedError, findCheckpoint, type Train
 import { mixtralTrainConfig } from '../src/model/mixtral-train.js';
 import { ShardWriter, shardName } from '../src/workflows/corpus.js';
 import { Rng } from '../src/util/rng.js';
+import { lastJsonLine } from './helpers/command-output.js';
 
 const moeBin = fileURLToPath(new URL('../../bin/moe.js', import.meta.url));
 const V = 64;
@@ -109,7 +110,7 @@ test('SIGKILL mid-run, then --resume: the same final loss as an uninterrupted ru
   const args = (out: string) => [moeBin, 'train', '--config', cfgFile, '--data', dataDir, '--out', out];
   const whole = spawnSync(process.execPath, args(path.join(dir, 'a')), { encoding: 'utf8' });
   assert.equal(whole.status, 0, whole.stderr);
-  const wholeResult = JSON.parse(whole.stdout.trim().split('\n').pop()!);
+  const wholeResult = lastJsonLine(whole.stdout);
 
   const outB = path.join(dir, 'b');
   const child = spawn(process.execPath, args(outB), { stdio: 'ignore' });
@@ -131,7 +132,7 @@ test('SIGKILL mid-run, then --resume: the same final loss as an uninterrupted ru
   const resumed = spawnSync(process.execPath, [...args(outB), '--resume'], { encoding: 'utf8' });
   assert.equal(resumed.status, 0, resumed.stderr);
   assert.match(resumed.stderr, /resumed from .* at step \d+/);
-  const resumedResult = JSON.parse(resumed.stdout.trim().split('\n').pop()!);
+  const resumedResult = lastJsonLine(resumed.stdout);
   assert.equal(resumedResult.step, 30);
   assert.equal(resumedResult.loss, wholeResult.loss);
   assert.equal(resumedResult.val_loss, wholeResult.val_loss);
