@@ -5,21 +5,14 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-/** The repository's models/ folder (this file is dist/src/workflows/default-model.js or src/workflows/default-model.ts). */
+/** The package's models/ folder (this file runs as dist/src/workflows/default-model.js). */
 const MODELS_DIR = fileURLToPath(new URL('../../../models/', import.meta.url));
-const SOURCE_MODELS_DIR = fileURLToPath(new URL('../../models/', import.meta.url));
 
 export const DEFAULT_MODEL_FILE = 'moe-ts-instruct-moe-f16.gguf';
 
 /** Where the default model is; MOE_DEFAULT_MODEL overrides it (a path to any model moe-ts loads). */
 export function defaultModelFile(): string {
-  const env = process.env.MOE_DEFAULT_MODEL;
-  if (env) return env;
-  for (const dir of [MODELS_DIR, SOURCE_MODELS_DIR]) {
-    const f = path.join(dir, DEFAULT_MODEL_FILE);
-    if (fs.existsSync(f)) return f;
-  }
-  return path.join(MODELS_DIR, DEFAULT_MODEL_FILE);
+  return process.env.MOE_DEFAULT_MODEL || path.join(MODELS_DIR, DEFAULT_MODEL_FILE);
 }
 
 /** Path of the default model and a line telling the user what it is. Throws when the file is missing. */
