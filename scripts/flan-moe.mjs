@@ -102,14 +102,13 @@ for (const c of CONDITIONS) for (const m of MODELS) results.push({ c, m, heldout
 const pct = (x) => (100 * x).toFixed(1);
 const active = Object.fromEntries(MODELS.map((m) => [m.id, JSON.parse(run(['inspect', m.base, '--json'])).parameters.active]));
 const heldoutTasks = results[0].heldout.tasks.map((t) => t.task);
-const macro = (r) => r.tasks.reduce((a, t) => a + t.exactMatch, 0) / r.tasks.length;
 const lines = [
   `| condition | model | ${heldoutTasks.join(' | ')} | macro average | fine-tuning tokens | fine-tuning compute (6 x active x tokens) |`,
   `| --- | --- |${heldoutTasks.map(() => ' ---: |').join('')} ---: | ---: | ---: |`,
 ];
 for (const r of results) {
   const t = r.c.tokens(r.m);
-  lines.push(`| ${r.c.title} | ${r.m.title} | ${r.heldout.tasks.map((x) => pct(x.exactMatch)).join(' | ')} | **${pct(macro(r.heldout))}** | ${t.toLocaleString('en-US')} | ${((6 * active[r.m.id] * t) / 1e12).toFixed(2)} TFLOP |`);
+  lines.push(`| ${r.c.title} | ${r.m.title} | ${r.heldout.tasks.map((x) => pct(x.exactMatch)).join(' | ')} | **${pct(r.heldout.overall.macroExactMatch)}** | ${t.toLocaleString('en-US')} | ${((6 * active[r.m.id] * t) / 1e12).toFixed(2)} TFLOP |`);
 }
 // The score of always giving the most common reference answer of each (task, language): what learning only the
 // label prior reaches (sentiment's negatives, letter_count's "1").
@@ -140,7 +139,7 @@ byLang.push(`| ${priorTitle} | - | ${langs.map((l) => pct(heldoutTasks.reduce((a
 const valRows = results.filter((r) => r.val);
 const valTasks = valRows[0].val.tasks.map((t) => t.task);
 const heldin = [`| model | ${valTasks.join(' | ')} | macro average |`, `| --- |${valTasks.map(() => ' ---: |').join('')} ---: |`];
-for (const r of valRows) heldin.push(`| ${r.m.title}, ${r.c.id === 'pre' ? 'pretrained' : 'instruction-tuned'} | ${r.val.tasks.map((x) => pct(x.exactMatch)).join(' | ')} | **${pct(macro(r.val))}** |`);
+for (const r of valRows) heldin.push(`| ${r.m.title}, ${r.c.id === 'pre' ? 'pretrained' : 'instruction-tuned'} | ${r.val.tasks.map((x) => pct(x.exactMatch)).join(' | ')} | **${pct(r.val.overall.macroExactMatch)}** |`);
 
 const table = [
   `Exact match in % (accuracy for sentiment) on the held-out split of \`moe data instruct --seed 1 --per-task 1000\` (${results[0].heldout.examples} examples); instruction tuning ${itSteps} steps, task fine-tuning ${taskSteps} steps, batch 8, full fine-tuning with the default LR schedule.`,

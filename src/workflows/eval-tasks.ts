@@ -288,9 +288,10 @@ export function scoreAnswers(
   if (answers.length !== examples.length) throw new Error(`scoreAnswers: ${answers.length} answers for ${examples.length} examples`);
   const nSamples = opts.samplesPerTask ?? 3;
   const tasks: TaskReport[] = [];
+  const right = examples.map((e, i) => answersMatch(answers[i]!.text, e.reference));
+  const ok = (i: number) => right[i]!;
   for (const task of ordered(examples.map((e) => e.task), [...INSTRUCT_TASKS, TWO_TURN_TASK])) {
     const idx = examples.map((_, i) => i).filter((i) => examples[i]!.task === task);
-    const ok = (i: number) => answersMatch(answers[i]!.text, examples[i]!.reference);
     const byLang: Record<string, Score> = {};
     for (const lang of ordered(idx.map((i) => examples[i]!.lang), INSTRUCT_LANGUAGES)) {
       const li = idx.filter((i) => examples[i]!.lang === lang);
