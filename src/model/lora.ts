@@ -11,7 +11,7 @@ import { FormatError } from '../formats/errors.js';
 import { readSafetensors, writeSafetensors } from '../formats/safetensors.js';
 import { dequantize } from '../tensor/quant.js';
 import { f32Tensor, shapeString, type Tensor } from '../tensor/tensor.js';
-import { alloc, Var } from '../autograd/tape.js';
+import { alloc, Var, type Float } from '../autograd/tape.js';
 import { add, affine, linear } from '../autograd/ops.js';
 import { groupedLinear } from '../autograd/moe.js';
 import { Rng } from '../util/rng.js';
@@ -118,6 +118,13 @@ interface Pair {
   b: Var;
 }
 
+/** A module's A [r, in] and B [out, r] (experts stacked: [E, r, in], [E, out, r]) as trainable Vars with PEFT names. */
+function pairOf(m: LoraModule, r: number, a: Float, b: Float): Pair {
+  const n = peftNames(m.name);
+  const E = m.experts;
+  return { module: m, a: Var.param(a, E ? [E, r, m.in] : [r, m.in], n.a), b: Var.param(b, E ? [E, m.out, r] : [m.out, r], n.b) };
+}
+
 export const ADAPTER_WEIGHTS_FILE = 'adapter_model.safetensors';
 export const ADAPTER_CONFIG_FILE = 'adapter_config.json';
 
@@ -152,13 +159,7 @@ export class LoraAdapters implements ProjectionAdapters {
       const a = alloc(prec, E * cfg.r * m.in);
       const bound = 1 / Math.sqrt(m.in);
       for (let i = 0; i < a.length; i++) a[i] = (2 * rng.uniform() - 1) * bound;
-      const b = alloc(prec, E * m.out * cfg.r);
-      const n = peftNames(m.name);
-      return {
-        module: m,
-        a: Var.param(a, m.experts ? [E, cfg.r, m.in] : [cfg.r, m.in], n.a),
-        b: Var.param(b, m.experts ? [E, m.out, cfg.r] : [m.out, cfg.r], n.b),
-      };
+      return pairOf(m, cfg.r, a, alloc(prec, E * m.out * cfg.r));
     });
     return new LoraAdapters(model.config, { ...cfg, targets: [...cfg.targets] }, pairs);
   }
@@ -188,8 +189,7 @@ export class LoraAdapters implements ProjectionAdapters {
         a.set(take(n.a, [cfg.r, m.in]), e * cfg.r * m.in);
         b.set(take(n.b, [m.out, cfg.r]), e * m.out * cfg.r);
       }
-      const n = peftNames(m.name);
-      return { module: m, a: Var.param(a, m.experts ? [E, cfg.r, m.in] : [cfg.r, m.in], n.a), b: Var.param(b, m.experts ? [E, m.out, cfg.r] : [m.out, cfg.r], n.b) };
+      return pairOf(m, cfg.r, a, b);
     });
     const extra = [...tensors.keys()].filter((n) => !used.has(n));
     if (extra.length) throw new FormatError(source, `tensors this model and LoRA config (targets ${cfg.targets.join(',')}) do not have: ${extra.slice(0, 5).join(', ')}${extra.length > 5 ? ` ... (${extra.length} in all)` : ''}`);
