@@ -12,8 +12,14 @@
 // parts or in the block bookkeeping (wrong element pairing, scale lane, tail block, row offset) changes the result.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 
 import { NativeBackend, nativeBackendAvailable, nativeCompute } from '../src/backend/native.js';
+import { nativeAddon } from '../src/backend/native-addon.js';
+import { loadModel } from '../src/model/load.js';
+import { writeRandomMixtralGGUF } from '../src/workflows/random-model.js';
 import { dtypeInfo, type DType } from '../src/tensor/dtype.js';
 import { floatToHalf } from '../src/tensor/f16.js';
 import { dotRow, prepareActivation } from '../src/tensor/quant.js';
@@ -144,5 +150,133 @@ test('native quantized matmul on long rows (14336, Mixtral 8x7B ffn) equals dotR
   let seed = 2000;
   for (const dtype of ['q4_0', 'q8_0', 'q4_k', 'q6_k'] as DType[]) {
     for (const rows of [1, 5]) checkExact(dtype, rows, 6, 14336, seed++);
+  }
+});
+
+// ---------------------------------------------------------------------------------------------------------------
+// Repacked q4_0 (native/src/quant.c MOE_Q4_0_RP): the AVX-512 kernels' own layout, made once per weight tensor of a
+// model file. It must change nothing but speed: the same bits as the file layout, on every row count (decode and
+// prefill tiles), every thread count and, after a switch of kernel set, on the other code paths too.
+// ---------------------------------------------------------------------------------------------------------------
+
+/** Random q4_0 weights with ordinary scales (results round: only bit-identity between layouts is asserted). */
+function randomQ4_0(r: () => number, rows: number, n: number): Uint8Array {
+  const data = new Uint8Array((rows * n / 32) * 18);
+  for (let i = 0; i < data.length; i++) data[i] = Math.floor(r() * 256);
+  for (let o = 0; o < data.length; o += 18) putU16(data, o, floatToHalf((r() - 0.5) * 0.02));
+  return data;
+}
+
+const repackSkip = skip || (nativeCompute()!.repack(new Uint8Array(18 * 16), 2, 1, 512, true) === null ? 'no repacked layout on this CPU (AVX-512 only)' : false);
+
+function assertSameBits(got: Float32Array, want: Float32Array, what: string): void {
+  assert.equal(got.length, want.length);
+  for (let i = 0; i < got.length; i++) {
+    if (!Object.is(got[i], want[i])) assert.fail(`${what}: [${i}] = ${got[i]}, the file layout gives ${want[i]}`);
+  }
+}
+
+test('repacked q4_0 matmul gives the file layout\'s bits: rows 1..9, 1 and 2 threads, every kernel set', { skip: repackSkip }, () => {
+  const a = nativeCompute()!;
+  const r = rng(77);
+  const n = 1536, outDim = 37;
+  const w = randomQ4_0(r, outDim, n);
+  const rp = a.repack(w, 2, outDim, n, true)!;
+  assert.equal(rp.data.length, w.length, 'same size as the file layout');
+  assert.notDeepEqual(rp.data, w, 'the bytes are rearranged');
+  try {
+    for (const k of kernelSets()) {
+      assert.ok(a.setKernels(k));
+      for (const threads of [1, 2]) {
+        new NativeBackend({ threads }); // sets the pool's thread count
+        for (const rows of [1, 2, 3, 5, 9]) {
+          const x = Float32Array.from({ length: rows * n }, () => r() * 2 - 1);
+          const want = new Float32Array(rows * outDim), got = new Float32Array(rows * outDim).fill(NaN);
+          assert.ok(a.matmul(want, x, rows, w, 2, outDim, n));
+          assert.ok(a.matmul(got, x, rows, rp.data, rp.type, outDim, n));
+          assertSameBits(got, want, `${k} kernels, ${threads} threads, ${rows} rows`);
+        }
+      }
+    }
+  } finally {
+    a.setKernels('auto');
+  }
+});
+
+test('repacked q4_0 experts give the file layout\'s bits in the grouped expert FFN (decode and prefill)', { skip: repackSkip }, () => {
+  const a = nativeCompute()!;
+  const r = rng(78);
+  const E = 4, dim = 512, ffn = 1024, k = 2;
+  const gate = randomQ4_0(r, E * ffn, dim), up = randomQ4_0(r, E * ffn, dim), down = randomQ4_0(r, E * dim, ffn);
+  const [g2, u2, d2] = [a.repack(gate, 2, E * ffn, dim, true)!, a.repack(up, 2, E * ffn, dim, true)!, a.repack(down, 2, E * dim, ffn, true)!];
+  for (const rows of [1, 7]) {
+    const x = Float32Array.from({ length: rows * dim }, () => r() * 2 - 1);
+    const experts = Int32Array.from({ length: rows * k }, (_, i) => (i * 3 + (i >> 1)) % E);
+    const weights = Float32Array.from({ length: rows * k }, () => r());
+    const want = new Float32Array(rows * dim), got = new Float32Array(rows * dim).fill(NaN);
+    assert.ok(a.moeFFN(want, x, rows, experts, weights, k, gate, 2, up, 2, down, 2, E, ffn, dim));
+    assert.ok(a.moeFFN(got, x, rows, experts, weights, k, g2.data, g2.type, u2.data, u2.type, d2.data, d2.type, E, ffn, dim));
+    assertSameBits(got, want, `${rows} rows`);
+  }
+});
+
+test('repack: only a mapped model file\'s bytes unless asked, and only rows of whole 512-element groups', { skip: repackSkip }, () => {
+  const a = nativeCompute()!;
+  const w = randomQ4_0(rng(79), 8, 1024);
+  assert.equal(a.repack(w, 2, 8, 1024), null, 'JS memory may change later: not repacked by default');
+  assert.equal(a.repack(randomQ4_0(rng(80), 8, 1024 + 32), 2, 8, 1024 + 32, true), null, 'rows of 1056: not whole groups');
+  assert.equal(a.repack(w, 8, 8, 1024, true), null, 'q8_0 keeps the file layout');
+  assert.throws(() => a.repack(w, 2, 9, 1024, true), /need/);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'moe-repack-'));
+  try {
+    const file = path.join(dir, 'w.bin');
+    fs.writeFileSync(file, Buffer.concat([Buffer.alloc(100), Buffer.from(w)]));
+    const mapped = new Uint8Array(nativeAddon()!.mmap(file, 100, w.length));
+    const rp = a.repack(mapped, 2, 8, 1024);
+    assert.ok(rp, 'a mapped file range is repacked');
+    assert.deepEqual(rp.data, a.repack(w, 2, 8, 1024, true)!.data);
+    assert.deepEqual(mapped, w, 'the file\'s bytes read back unchanged after their pages were released');
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a q4_0 model gives the same logits with and without repacking (prompt, then decode steps)', { skip: repackSkip }, () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'moe-repack-model-'));
+  try {
+    const file = path.join(dir, 'm.gguf');
+    writeRandomMixtralGGUF(file, {
+      vocabSize: 300, hiddenSize: 512, intermediateSize: 1024, numHiddenLayers: 2, numAttentionHeads: 8, numKeyValueHeads: 2,
+      headDim: 64, numLocalExperts: 4, numExpertsPerTok: 2, rmsNormEps: 1e-5, ropeTheta: 10000, maxPositionEmbeddings: 64,
+      slidingWindow: null, tieWordEmbeddings: false,
+    }, { seed: 5, dtype: 'q4_0' });
+    const run = (repack: boolean): Float32Array[] => {
+      const m = loadModel(file, { backend: new NativeBackend({ threads: 2, repack }) });
+      const s = m.newSession({ contextLength: 64 });
+      const out = [s.forward([1, 20, 30, 40, 50], { allLogits: true })];
+      for (const t of [60, 70, 80]) out.push(s.forward([t]));
+      return out;
+    };
+    const a = nativeCompute()!;
+    const repack = a.repack;
+    let repacked = 0;
+    a.repack = (...args) => {
+      const r = repack(...args);
+      if (r) repacked++;
+      return r;
+    };
+    let want: Float32Array[], got: Float32Array[];
+    try {
+      want = run(false);
+      assert.equal(repacked, 0);
+      got = run(true);
+    } finally {
+      a.repack = repack;
+    }
+    // q, k, v, o and the three expert tensors of each layer, and the output head
+    assert.equal(repacked, 2 * 7 + 1, 'every q4_0 matrix of the file was repacked');
+    want.forEach((w, i) => assertSameBits(got[i], w, `forward ${i}`));
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 });

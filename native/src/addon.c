@@ -5,11 +5,12 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include "kernels.h"
 #include "ops.h"
 
-napi_value moe_napi_mmap(napi_env env, napi_callback_info info); // mmap.c
+#include "mmap.h"
 void moe_quant_force_path(int path); // quant.c: 0 = best, 1 = generic, 2 = avx2, 3 = avx512
 
 #define MAXARGS 16
@@ -393,6 +394,52 @@ static napi_value js_moe(napi_env env, napi_callback_info info) {
   return js_bool(env, rc == 0);
 }
 
+static void free_repacked(napi_env env, void *data, void *hint) {
+  (void)env, (void)hint;
+  free(data);
+}
+
+// repack(w: TypedArray, wtype, rows, n, anyMemory = false) -> { data: Uint8Array, type } | null
+// The weights [rows, n] of type wtype in the layout the kernels in use want (kernels.h moe_repack_type), in memory
+// of their own (freed with the returned array), or null when they are used as they are. Only weights in a mapped
+// model file are repacked unless anyMemory (tests): those never change, so a copy made once stays right. The
+// file's pages are released afterwards (moe_mmap_release), so only the copy stays resident.
+static napi_value js_repack(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "repack", 4)) return NULL;
+  size_t nw = 0;
+  const void *w = bytes_of(&a, 0, "weights", &nw);
+  long long wtype = integer(&a, 1, "weight type", 0, 255);
+  long long rows = integer(&a, 2, "rows", 1, DIM_MAX), n = integer(&a, 3, "n", 1, DIM_MAX);
+  if (a.failed) return NULL;
+  napi_value nul;
+  napi_get_null(env, &nul);
+  bool any = false;
+  if (a.argc > 4 && napi_get_value_bool(env, a.argv[4], &any) != napi_ok) { fail(&a, 0, "anyMemory must be a boolean"); return NULL; }
+  int rt = moe_repack_type((int)wtype, (int)n);
+  if (rt < 0) return nul;
+  size_t bytes = moe_row_bytes((int)wtype, n) * (size_t)rows;
+  if (nw < bytes) { fail(&a, 1, "weights hold %zu bytes, need %zu", nw, bytes); return NULL; }
+  if (!any && !moe_mmap_contains(w, bytes)) return nul;
+  void *dst = NULL;
+  if (posix_memalign(&dst, 64, bytes) != 0) return nul; // out of memory: the file layout still works
+  moe_repack_rows((int)wtype, w, dst, rows, (int)n);
+  moe_mmap_release(w, bytes);
+  napi_value ab, arr, o, t;
+  if (napi_create_external_arraybuffer(env, dst, bytes, free_repacked, NULL, &ab) != napi_ok) {
+    // Node owns dst now and frees it on failure (see mmap.c); the file layout still works.
+    napi_value pending;
+    napi_get_and_clear_last_exception(env, &pending);
+    return nul;
+  }
+  CHECK(napi_create_typedarray(env, napi_uint8_array, bytes, ab, 0, &arr));
+  CHECK(napi_create_object(env, &o));
+  CHECK(napi_create_int32(env, rt, &t));
+  CHECK(napi_set_named_property(env, o, "data", arr));
+  CHECK(napi_set_named_property(env, o, "type", t));
+  return o;
+}
+
 static napi_value js_set_threads(napi_env env, napi_callback_info info) {
   args_t a;
   if (!get_args(&a, env, info, "setThreads", 1)) return NULL;
@@ -470,7 +517,7 @@ NAPI_MODULE_INIT() {
   struct { const char *name; napi_callback cb; } fns[] = {
       {"matmul", js_matmul}, {"rmsNorm", js_rmsnorm}, {"rope", js_rope}, {"attention", js_attention},
       {"moeFFN", js_moe}, {"setThreads", js_set_threads}, {"setKernels", js_set_kernels}, {"setMoeChunk", js_set_moe_chunk},
-      {"supports", js_supports}, {"info", js_info}, {"mmap", moe_napi_mmap},
+      {"supports", js_supports}, {"info", js_info}, {"mmap", moe_napi_mmap}, {"repack", js_repack},
       {"transpose", js_transpose}, {"softmaxRows", js_softmax_rows}, {"trainAttention", js_train_attention},
       {"trainAttentionBackward", js_train_attention_backward}, {"crossEntropyBackward", js_ce_backward}, {"adamw", js_adamw},
   };

@@ -9,6 +9,8 @@
 enum moe_type {
   MOE_F32 = 0, MOE_F16 = 1, MOE_Q4_0 = 2, MOE_Q4_1 = 3, MOE_Q5_0 = 6, MOE_Q5_1 = 7, MOE_Q8_0 = 8, MOE_Q8_1 = 9,
   MOE_Q2_K = 10, MOE_Q3_K = 11, MOE_Q4_K = 12, MOE_Q5_K = 13, MOE_Q6_K = 14, MOE_Q8_K = 15, MOE_BF16 = 30,
+  // Not a GGML type: q4_0 rows repacked at load for the AVX-512 kernels (moe_repack_rows), same size as q4_0.
+  MOE_Q4_0_RP = 200,
 };
 
 // CPU features found at start-up (run-time dispatch; the build is never -march=native).
@@ -47,3 +49,12 @@ void moe_gemm_tile(int wtype, int n, const void *w, size_t w_row_bytes, const vo
                    int j0, int j1, float *out, int ldo);
 /** Whether moe_gemm_tile supports wtype. */
 int moe_gemm_supports(int wtype);
+
+// ---- Repacked weights (llama.cpp repacks q4_0 at load too; ggml-cpu/repack.cpp) ----
+/**
+ * The type rows of `wtype` and length n are repacked to for the kernels in use (MOE_Q4_0_RP for q4_0 on AVX-512
+ * when n is a multiple of 512), or -1 when they are used as they are.
+ */
+int moe_repack_type(int wtype, int n);
+/** dst = `rows` rows of src (type wtype, length n) in moe_repack_type's layout; multi-threaded. Same byte size. */
+void moe_repack_rows(int wtype, const void *src, void *dst, long long rows, int n);

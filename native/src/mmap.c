@@ -84,17 +84,69 @@ static bool get_size_arg(napi_env env, napi_value v, const char *name, uint64_t 
 }
 
 #ifndef _WIN32
-typedef struct {
+#include <pthread.h>
+
+typedef struct mapping {
   void *base;
   size_t len;
+  struct mapping *next; // the live mappings (moe_mmap_release only touches these)
 } mapping;
+
+static pthread_mutex_t live_mu = PTHREAD_MUTEX_INITIALIZER; // worker threads may map and collect concurrently
+static mapping *live;
 
 static void finalize_mapping(napi_env env, void *data, void *hint) {
   (void)env;
   (void)data;
   mapping *m = (mapping *)hint;
+  pthread_mutex_lock(&live_mu);
+  for (mapping **pp = &live; *pp; pp = &(*pp)->next) {
+    if (*pp == m) {
+      *pp = m->next;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&live_mu);
   munmap(m->base, m->len);
   free(m);
+}
+
+int moe_mmap_contains(const void *p, size_t len) {
+  const uintptr_t a = (uintptr_t)p, b = a + len;
+  int found = 0;
+  pthread_mutex_lock(&live_mu);
+  for (mapping *m = live; m && !found; m = m->next) found = a >= (uintptr_t)m->base && b <= (uintptr_t)m->base + m->len;
+  pthread_mutex_unlock(&live_mu);
+  return found;
+}
+
+int moe_mmap_release(const void *p, size_t len) {
+  const uintptr_t a = (uintptr_t)p, b = a + len;
+  long page = sysconf(_SC_PAGESIZE);
+  const uintptr_t ps = (uintptr_t)(page > 0 ? page : 4096);
+  const uintptr_t lo = (a + ps - 1) / ps * ps, hi = b / ps * ps;
+  int done = 0;
+  pthread_mutex_lock(&live_mu);
+  for (mapping *m = live; m; m = m->next) {
+    const uintptr_t mb = (uintptr_t)m->base;
+    if (a >= mb && b <= mb + m->len) {
+      if (hi > lo) done = madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&live_mu);
+  return done;
+}
+#else
+int moe_mmap_contains(const void *p, size_t len) {
+  (void)p;
+  (void)len;
+  return 0;
+}
+int moe_mmap_release(const void *p, size_t len) {
+  (void)p;
+  (void)len;
+  return 0;
 }
 #endif
 
@@ -235,6 +287,10 @@ napi_value moe_napi_mmap(napi_env env, napi_callback_info info) {
   }
   m->base = p;
   m->len = map_len;
+  pthread_mutex_lock(&live_mu);
+  m->next = live;
+  live = m;
+  pthread_mutex_unlock(&live_mu);
   if (napi_create_external_arraybuffer(env, (char *)p + skip, (size_t)length, finalize_mapping, m, &result) != napi_ok) {
     // The mapping now belongs to Node: on failure it calls the finalizer itself (node::Buffer::New does so when the
     // length exceeds its limit), so freeing it here would free it twice. Node 20 refuses more than 4 GiB in one

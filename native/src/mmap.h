@@ -16,3 +16,15 @@
  * buffer.constants.MAX_LENGTH (4 GiB) long there; larger files are mapped as several ranges (the loaders do this).
  */
 napi_value moe_napi_mmap(napi_env env, napi_callback_info info);
+
+/** Whether [p, p + len) lies inside one live mapping made by moe_napi_mmap (bytes of a model file). */
+int moe_mmap_contains(const void *p, size_t len);
+
+/**
+ * Drops this process's page-table entries for the whole pages inside [p, p + len) when the range lies in one of the
+ * file mappings above (madvise MADV_DONTNEED: the pages stay in the page cache and a later read faults them back in
+ * from the file, so nothing changes but the resident size). Used once weights have been repacked into a copy, so the
+ * file's pages and the copy are not both resident. Returns 1 when it released something, 0 otherwise (anything not
+ * a file mapping of ours is never touched).
+ */
+int moe_mmap_release(const void *p, size_t len);

@@ -64,7 +64,7 @@ static int block_info(int type, int *bs, int *ts) {
   switch (type) {
     case MOE_F32: *bs = 1; *ts = 4; return 1;
     case MOE_F16: case MOE_BF16: *bs = 1; *ts = 2; return 1;
-    case MOE_Q4_0: *bs = 32; *ts = 18; return 1;
+    case MOE_Q4_0: case MOE_Q4_0_RP: *bs = 32; *ts = 18; return 1;
     case MOE_Q4_1: *bs = 32; *ts = 20; return 1;
     case MOE_Q5_0: *bs = 32; *ts = 22; return 1;
     case MOE_Q5_1: *bs = 32; *ts = 24; return 1;

@@ -3,6 +3,7 @@
 // The generic kernels follow ggml's ggml_vec_dot_*_generic (src/tensor/quant.ts dotRow) operation for operation, so
 // they are the C oracle the SIMD paths are tested against (native/test/quant_test.c).
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
 #include "quant_impl.h"
@@ -38,7 +39,7 @@ void *moe_quant_scratch(size_t bytes) {
 int moe_vec_dot_type(int wtype) {
   switch (wtype) {
     case MOE_F32: case MOE_F16: case MOE_BF16: return wtype;
-    case MOE_Q4_0: case MOE_Q5_0: case MOE_Q8_0: return MOE_Q8_0;
+    case MOE_Q4_0: case MOE_Q4_0_RP: case MOE_Q5_0: case MOE_Q8_0: return MOE_Q8_0;
     case MOE_Q4_1: case MOE_Q5_1: return MOE_Q8_1;
     case MOE_Q2_K: case MOE_Q3_K: case MOE_Q4_K: case MOE_Q5_K: case MOE_Q6_K: return MOE_Q8_K;
     default: return -1;
@@ -467,13 +468,77 @@ int moe_gemm_generic(int wtype, int n, const uint8_t *w, size_t wrb, const uint8
 // Dispatch
 // ---------------------------------------------------------------------------------------------------------------
 
-int moe_gemm_supports(int wtype) { return generic_supports(wtype); }
+int moe_gemm_supports(int wtype) { return wtype == MOE_Q4_0_RP || generic_supports(wtype); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Repacked q4_0 (MOE_Q4_0_RP): each group of 16 blocks (288 bytes, the same as in the file) holds their quants
+// already in the order quant_avx512.c's transpose16 produces (byte 64k + 4b + i = byte 4k + i of block b's 16
+// nibble bytes), then the 16 f16 scales side by side. The kernel then loads what it multiplies instead of
+// gathering and transposing it for every row on every call; the sums are the same integers and the same float
+// operations, so results are bit-identical to the file layout's. Rows must be whole groups (n % 512 == 0).
+// ---------------------------------------------------------------------------------------------------------------
+#define RP_GROUP (16 * B_Q4_0)
+
+int moe_repack_type(int wtype, int n) {
+  if (wtype != MOE_Q4_0 || n <= 0 || n % (16 * QK)) return -1;
+  if (!(forced_path == PATH_AUTO || forced_path == PATH_AVX512) || !have_avx512()) return -1;
+  return MOE_Q4_0_RP;
+}
+
+static void repack_q4_0_group(const uint8_t *src, uint8_t *dst) {
+  for (int b = 0; b < 16; b++) {
+    const uint8_t *blk = src + b * B_Q4_0;
+    memcpy(dst + 256 + 2 * b, blk, 2);
+    for (int k = 0; k < 4; k++) memcpy(dst + 64 * k + 4 * b, blk + 2 + 4 * k, 4);
+  }
+}
+
+static void unrepack_q4_0_group(const uint8_t *src, uint8_t *dst) {
+  for (int b = 0; b < 16; b++) {
+    uint8_t *blk = dst + b * B_Q4_0;
+    memcpy(blk, src + 256 + 2 * b, 2);
+    for (int k = 0; k < 4; k++) memcpy(blk + 2 + 4 * k, src + 64 * k + 4 * b, 4);
+  }
+}
+
+typedef struct { const uint8_t *src; uint8_t *dst; long long groups; atomic_llong next; } repack_job;
+#define REPACK_CHUNK 4096 // groups per claim (~1.2 MB)
+
+static void repack_task(void *p, int ith, int nth) {
+  (void)ith, (void)nth;
+  repack_job *j = p;
+  for (long long g0; (g0 = atomic_fetch_add(&j->next, REPACK_CHUNK)) < j->groups;) {
+    const long long g1 = g0 + REPACK_CHUNK < j->groups ? g0 + REPACK_CHUNK : j->groups;
+    for (long long g = g0; g < g1; g++) repack_q4_0_group(j->src + g * RP_GROUP, j->dst + g * RP_GROUP);
+  }
+}
+
+void moe_repack_rows(int wtype, const void *src, void *dst, long long rows, int n) {
+  if (moe_repack_type(wtype, n) != MOE_Q4_0_RP) abort(); // callers check moe_repack_type first
+  repack_job j = {src, dst, rows * (n / (16 * QK)), 0};
+  moe_pool_run(repack_task, &j);
+}
 
 void moe_gemm_tile(int wtype, int n, const void *w, size_t w_row_bytes, const void *act, size_t act_row_bytes, int R,
                    int j0, int j1, float *out, int ldo) {
   if (R <= 0 || j1 <= j0 || n <= 0) return;
   const uint8_t *wb = (const uint8_t *)w, *ab = (const uint8_t *)act;
   const int path = forced_path;
+  if (wtype == MOE_Q4_0_RP) {
+    if ((path == PATH_AUTO || path == PATH_AVX512) && have_avx512() &&
+        moe_gemm_avx512(wtype, n, wb, w_row_bytes, ab, act_row_bytes, R, j0, j1, out, ldo))
+      return;
+    // Another kernel set was chosen after the weights were repacked (tests switch them): each row back to q4_0.
+    const int ng = n / (16 * QK);
+    uint8_t *row = (uint8_t *)malloc((size_t)ng * RP_GROUP);
+    if (!row) abort();
+    for (int j = j0; j < j1; j++) {
+      for (int g = 0; g < ng; g++) unrepack_q4_0_group(wb + (size_t)j * w_row_bytes + (size_t)g * RP_GROUP, row + (size_t)g * RP_GROUP);
+      moe_gemm_tile(MOE_Q4_0, n, row, w_row_bytes, act, act_row_bytes, R, 0, 1, out + j, ldo);
+    }
+    free(row);
+    return;
+  }
   if ((path == PATH_AUTO || path == PATH_AVX512) && have_avx512() &&
       moe_gemm_avx512(wtype, n, wb, w_row_bytes, ab, act_row_bytes, R, j0, j1, out, ldo))
     return;

@@ -64,7 +64,7 @@ static float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 static int block_bytes(int wtype) {
   switch (wtype) {
-    case MOE_Q4_0: return B_Q4_0;
+    case MOE_Q4_0: case MOE_Q4_0_RP: return B_Q4_0; // a repacked group has the same 16 * 18 bytes
     case MOE_Q4_1: return B_Q4_1;
     case MOE_Q5_0: return B_Q5_0;
     case MOE_Q5_1: return B_Q5_1;
@@ -128,6 +128,15 @@ AI void transpose16(const uint8_t *p, const int bs, __m512i out[4]) {
 
 /** A group's weights as unsigned bytes in the activation order: v[k] lane b = elements 4k..4k+3 of block b. */
 AI void unpack_group(const int wtype, const uint8_t *b, const int bs, __m512i v[8]) {
+  if (wtype == MOE_Q4_0_RP) { // repacked (quant.c): the transposed nibble bytes as they are stored
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    UNROLL for (int k = 0; k < 4; k++) {
+      const __m512i t = _mm512_loadu_si512((const void *)(b + 64 * k));
+      v[k] = _mm512_and_si512(t, m4);
+      v[4 + k] = _mm512_and_si512(_mm512_srli_epi16(t, 4), m4);
+    }
+    return;
+  }
   if (wtype == MOE_Q8_0) {
     transpose16(b + 2, bs, v);
     transpose16(b + 18, bs, v + 4);
@@ -199,7 +208,7 @@ AI void group32(const int wtype, const int RW, const int RA, const uint8_t *cons
   __m512 dw[MAXW], mw[MAXW];
   UNROLL for (int i = 0; i < RW; i++) {
     unpack_group(wtype, wp[i], bs, v[i]);
-    dw[i] = scales16(wp[i], bs);
+    dw[i] = wtype == MOE_Q4_0_RP ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wp[i] + 256))) : scales16(wp[i], bs);
     if (q81) mw[i] = scales16(wp[i] + 2, bs);
   }
   UNROLL for (int r = 0; r < RA; r++) {
@@ -270,6 +279,7 @@ AI void tile32(const int wtype, const int RW, const int RA, const uint8_t *w, si
     }                                                                                                               \
   }
 TILE_FN(tile_q4_0, MOE_Q4_0)
+TILE_FN(tile_q4_0_rp, MOE_Q4_0_RP)
 TILE_FN(tile_q4_1, MOE_Q4_1)
 TILE_FN(tile_q5_0, MOE_Q5_0)
 TILE_FN(tile_q5_1, MOE_Q5_1)
@@ -309,7 +319,9 @@ static int gemm32(int wtype, int n, const uint8_t *w, size_t wrb, const uint8_t 
     ax = buf;
     astride = suffix;
   }
+  if (wtype == MOE_Q4_0_RP && nb % 16) return 0; // repacked rows are whole groups (moe_repack_type)
   tile_fn fn = wtype == MOE_Q4_0   ? tile_q4_0
+               : wtype == MOE_Q4_0_RP ? tile_q4_0_rp
                : wtype == MOE_Q4_1 ? tile_q4_1
                : wtype == MOE_Q5_0 ? tile_q5_0
                : wtype == MOE_Q5_1 ? tile_q5_1
@@ -591,7 +603,7 @@ int moe_gemm_avx512_supports(int wtype) {
 int moe_gemm_avx512(int wtype, int n, const uint8_t *w, size_t wrb, const uint8_t *act, size_t arb, int R, int j0,
                     int j1, float *out, int ldo) {
   switch (wtype) {
-    case MOE_Q4_0: case MOE_Q4_1: case MOE_Q5_0: case MOE_Q5_1: case MOE_Q8_0:
+    case MOE_Q4_0: case MOE_Q4_0_RP: case MOE_Q4_1: case MOE_Q5_0: case MOE_Q5_1: case MOE_Q8_0:
       return gemm32(wtype, n, w, wrb, act, arb, R, j0, j1, out, ldo);
     case MOE_Q2_K: case MOE_Q3_K: case MOE_Q4_K: case MOE_Q5_K: case MOE_Q6_K:
       return gemmK(wtype, n, w, wrb, act, arb, R, j0, j1, out, ldo);

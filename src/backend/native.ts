@@ -34,6 +34,12 @@ interface ComputeAddon {
   moeFFN(out: Float32Array, x: Float32Array, rows: number, experts: Int32Array, weights: Float32Array, k: number,
     gate: Uint8Array, gateType: number, up: Uint8Array, upType: number, down: Uint8Array, downType: number,
     nExperts: number, ffn: number, dim: number): boolean;
+  /**
+   * The weights [rows, n] in the layout the kernels in use want (q4_0 on AVX-512: MOE_Q4_0_RP), a copy the addon
+   * owns, or null when they are used as they are. Only mapped file bytes unless anyMemory; the file's pages are then
+   * released (the copy replaces them in memory).
+   */
+  repack(w: Uint8Array, wtype: number, rows: number, n: number, anyMemory?: boolean): { data: Uint8Array; type: number } | null;
   setThreads(n: number): number;
   /** Tests: the float kernel set ('avx512' | 'avx2' | 'generic' | 'auto'; quant.c follows); false if this CPU lacks it. */
   setKernels(name: string): boolean;
@@ -52,7 +58,7 @@ export interface NativeInfo {
   features: Record<string, number>;
 }
 
-const FUNCTIONS = ['matmul', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'crossEntropyBackward', 'adamw', 'rmsNorm', 'rope', 'attention', 'moeFFN', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
+const FUNCTIONS = ['matmul', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'crossEntropyBackward', 'adamw', 'rmsNorm', 'rope', 'attention', 'moeFFN', 'repack', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
 
 let compute: ComputeAddon | null | undefined;
 let computeError: string | null = null;
@@ -83,6 +89,12 @@ export function nativeBackendAvailable(): boolean {
   return nativeCompute() !== null;
 }
 
+/**
+ * Repacked copies of weight tensors, by their bytes (a mapped model file's, which never change), shared by every
+ * backend of this thread; null: used as they are. llama.cpp repacks q4_0 at load the same way (ggml-cpu/repack.cpp).
+ */
+const repacked = new WeakMap<Uint8Array, { data: Uint8Array; type: number } | null>();
+
 /** The thread count the process-wide pool was last set to (the addon has one pool; backends share it). */
 let poolThreads = 0;
 
@@ -93,11 +105,17 @@ export function defaultThreads(): number {
 export interface NativeBackendOptions {
   /** Threads for the kernels (0 or absent: one per available core). */
   threads?: number;
+  /**
+   * Repack weights from model files into the kernels' own layout at first use (default true; MOE_REPACK=0 turns it
+   * off). Results are bit-identical either way; only speed and which pages are resident change.
+   */
+  repack?: boolean;
 }
 
 export class NativeBackend implements Backend {
   readonly name = 'native';
   readonly threads: number;
+  readonly repack: boolean;
   private readonly addon: ComputeAddon;
   private readonly ref = new RefBackend();
   private readonly supported = new Map<DType, boolean>();
@@ -109,7 +127,17 @@ export class NativeBackend implements Backend {
     const t = opts.threads ?? 0;
     if (!(Number.isInteger(t) && t >= 0 && t <= 256)) throw new Error(`threads must be an integer in 0..256, got ${t}`);
     this.threads = t === 0 ? defaultThreads() : t;
+    this.repack = opts.repack ?? process.env.MOE_REPACK !== '0';
     this.pool();
+  }
+
+  /** The bytes and type code the kernels get for `w` ([rows, n] as a matrix): its repacked copy where there is one. */
+  private weight(w: Tensor, rows: number, n: number): [Uint8Array, number] {
+    const type = dtypeInfo(w.dtype).ggmlType;
+    if (!this.repack) return [w.data, type];
+    let r = repacked.get(w.data);
+    if (r === undefined) repacked.set(w.data, (r = this.addon.repack(w.data, type, rows, n)));
+    return r ? [r.data, r.type] : [w.data, type];
   }
 
   /** CPU path, kernel set and thread count, for messages. */
@@ -136,7 +164,7 @@ export class NativeBackend implements Backend {
     if (rows === 0) return;
     this.pool();
     // Types neither the float kernels nor quant.c handle (q8_1, q8_k weights: never in model files) use ref.ts.
-    if (!this.supports(w.dtype) || !this.addon.matmul(out, x, rows, w.data, dtypeInfo(w.dtype).ggmlType, outDim, inDim)) {
+    if (!this.supports(w.dtype) || !this.addon.matmul(out, x, rows, ...this.weight(w, outDim, inDim), outDim, inDim)) {
       this.ref.matmul(out, x, rows, w);
     }
   }
@@ -173,8 +201,8 @@ export class NativeBackend implements Backend {
     if (rows === 0) return;
     this.pool();
     const ok = this.supports(gate.dtype) && this.supports(up.dtype) && this.supports(down.dtype) &&
-      this.addon.moeFFN(out, x, rows, experts, weights, k, gate.data, dtypeInfo(gate.dtype).ggmlType, up.data,
-        dtypeInfo(up.dtype).ggmlType, down.data, dtypeInfo(down.dtype).ggmlType, nExperts, ffn, dim);
+      this.addon.moeFFN(out, x, rows, experts, weights, k, ...this.weight(gate, nExperts * ffn, dim),
+        ...this.weight(up, nExperts * ffn, dim), ...this.weight(down, nExperts * dim, ffn), nExperts, ffn, dim);
     if (!ok) this.ref.moeFFN(out, x, rows, experts, weights, k, gate, up, down); // an unsupported expert dtype
   }
 }
