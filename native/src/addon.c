@@ -527,6 +527,9 @@ NAPI_MODULE_INIT() {
         napi_set_named_property(env, exports, fns[i].name, fn) != napi_ok)
       return NULL;
   }
+  // CPU features and the kernel set are chosen here, on the loading thread, before any pool worker can race to.
+  moe_cpu();
+  moe_fk();
   if (moe_pool_threads() < 1) moe_pool_set_threads(1);
   return exports;
 }

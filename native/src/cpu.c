@@ -2,6 +2,7 @@
 // kernel lives in a translation unit compiled for that ISA and is called only when the CPU (and the OS, for the
 // wide register state) supports it.
 #include "kernels.h"
+#include <stdatomic.h>
 #include <string.h>
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
@@ -13,7 +14,7 @@
 #endif
 
 static moe_cpu_features g_feat;
-static int g_done;
+static atomic_int g_done;
 
 #ifdef MOE_X86
 static unsigned long long xgetbv0(void) {
@@ -23,8 +24,8 @@ static unsigned long long xgetbv0(void) {
 }
 #endif
 
-static void detect(void) {
-  memset(&g_feat, 0, sizeof g_feat);
+static void detect(moe_cpu_features *f) {
+  memset(f, 0, sizeof *f);
 #ifdef MOE_X86
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return;
@@ -35,39 +36,44 @@ static void detect(void) {
   int ymm_ok = (xcr0 & 0x6) == 0x6;            // SSE and AVX state saved by the OS
   int zmm_ok = ymm_ok && (xcr0 & 0xe0) == 0xe0; // opmask, upper ZMM0-15, ZMM16-31
   if (!ymm_ok) return;
-  g_feat.fma = fma;
-  g_feat.f16c = f16c;
+  f->fma = fma;
+  f->f16c = f16c;
   unsigned maxleaf = __get_cpuid_max(0, 0);
   if (maxleaf >= 7) {
     __cpuid_count(7, 0, a, b, c, d);
-    g_feat.avx2 = (b >> 5) & 1;
+    f->avx2 = (b >> 5) & 1;
     if (zmm_ok) {
-      g_feat.avx512f = (b >> 16) & 1;
-      g_feat.avx512bw = (b >> 30) & 1;
-      g_feat.avx512vl = (b >> 31) & 1;
-      g_feat.avx512vnni = (c >> 11) & 1;
+      f->avx512f = (b >> 16) & 1;
+      f->avx512bw = (b >> 30) & 1;
+      f->avx512vl = (b >> 31) & 1;
+      f->avx512vnni = (c >> 11) & 1;
     }
     __cpuid_count(7, 1, a, b, c, d);
-    g_feat.avxvnni = (a >> 4) & 1;
-    if (zmm_ok) g_feat.avx512bf16 = (a >> 5) & 1;
+    f->avxvnni = (a >> 4) & 1;
+    if (zmm_ok) f->avx512bf16 = (a >> 5) & 1;
   }
 #elif defined(__aarch64__)
-  g_feat.neon = 1; // Advanced SIMD is part of the AArch64 base ISA
+  f->neon = 1; // Advanced SIMD is part of the AArch64 base ISA
 #if defined(__linux__)
 #ifndef HWCAP_ASIMDDP
 #define HWCAP_ASIMDDP (1 << 20)
 #endif
-  g_feat.dotprod = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+  f->dotprod = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
 #elif defined(__ARM_FEATURE_DOTPROD)
-  g_feat.dotprod = 1;
+  f->dotprod = 1;
 #endif
 #endif
 }
 
 const moe_cpu_features *moe_cpu(void) {
-  if (!g_done) { // benign race: every caller computes the same values
-    detect();
-    g_done = 1;
+  // Detected into a local copy and published whole: clearing g_feat in place while another thread already read
+  // g_done = 1 made that thread see no features and pick the generic kernels (the addon's init now detects on the
+  // main thread before any worker exists; this keeps a late first call from several threads safe too).
+  if (!atomic_load_explicit(&g_done, memory_order_acquire)) {
+    moe_cpu_features f;
+    detect(&f);
+    g_feat = f; // every thread that gets here writes the same values
+    atomic_store_explicit(&g_done, 1, memory_order_release);
   }
   return &g_feat;
 }
