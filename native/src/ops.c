@@ -176,7 +176,7 @@ void moe_silu_mul_generic(float *g, const float *u, int n) {
 }
 
 const moe_fkern moe_fkern_generic = {"generic", g_tile, g_round_act, g_dot, g_axpy, g_sumsq, moe_softmax_row_generic,
-                                     moe_silu_mul_generic};
+                                     moe_silu_mul_generic, NULL, NULL};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Dispatch
@@ -494,18 +494,18 @@ static void att_range(void *p, int t0, int t1) {
       if (c->kvF16) K->round_act(MOE_F16, src, qh + (size_t)g * hd, hd);
       else memcpy(qh + (size_t)g * hd, src, (size_t)hd * 4);
     }
-    for (int j = jMin; j <= i; j++) {
-      const float *kj = c->k + (size_t)j * kvStride + (size_t)kvh * hd;
-      for (int g = 0; g < G; g++) sc[(size_t)g * L + (j - jMin)] = K->dot(qh + (size_t)g * hd, kj, hd) * c->scale;
-    }
-    for (int g = 0; g < G; g++) {
-      K->softmax_row(sc + (size_t)g * L, L, c->kvF16);
-      memset(c->out + (size_t)r * c->nH * hd + (size_t)(kvh * G + g) * hd, 0, (size_t)hd * 4);
-    }
-    for (int j = jMin; j <= i; j++) {
-      const float *vj = c->v + (size_t)j * kvStride + (size_t)kvh * hd;
-      for (int g = 0; g < G; g++)
-        K->axpy(c->out + (size_t)r * c->nH * hd + (size_t)(kvh * G + g) * hd, sc[(size_t)g * L + (j - jMin)], vj, hd);
+    const float *k0 = c->k + (size_t)jMin * kvStride + (size_t)kvh * hd, *v0 = c->v + (size_t)jMin * kvStride + (size_t)kvh * hd;
+    float *og = c->out + (size_t)r * c->nH * hd + (size_t)kvh * G * hd; // the group's heads are adjacent
+    if (K->scores) K->scores(qh, G, hd, k0, kvStride, L, c->scale, sc, (size_t)L);
+    else
+      for (int j = 0; j < L; j++)
+        for (int g = 0; g < G; g++) sc[(size_t)g * L + j] = K->dot(qh + (size_t)g * hd, k0 + (size_t)j * kvStride, hd) * c->scale;
+    for (int g = 0; g < G; g++) K->softmax_row(sc + (size_t)g * L, L, c->kvF16);
+    if (K->weighted_sum) K->weighted_sum(sc, (size_t)L, G, hd, v0, kvStride, L, og);
+    else {
+      memset(og, 0, (size_t)G * hd * 4);
+      for (int j = 0; j < L; j++)
+        for (int g = 0; g < G; g++) K->axpy(og + (size_t)g * hd, sc[(size_t)g * L + j], v0 + (size_t)j * kvStride, hd);
     }
   }
 }

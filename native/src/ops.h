@@ -34,6 +34,16 @@ typedef struct {
   double (*softmax_row)(float *s, int n, int round_f16);
   /** g[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u. */
   void (*silu_mul)(float *g, const float *u, int n);
+  /**
+   * Attention scores of G query heads (q: G rows of hd) against L keys (row j at k + j * kstride):
+   * sc[g * ldsc + j] = dot(q_g, k_j) * scale, with dot's arithmetic. NULL: ops.c calls dot per key and head.
+   */
+  void (*scores)(const float *q, int G, int hd, const float *k, size_t kstride, int L, float scale, float *sc, size_t ldsc);
+  /**
+   * out[g * hd + d] = sum over j = 0..L-1 in order of p[g * ldp + j] * v[j * vstride + d], with axpy's arithmetic
+   * from zero (out is overwritten). NULL: ops.c calls axpy per value and head.
+   */
+  void (*weighted_sum)(const float *p, size_t ldp, int G, int hd, const float *v, size_t vstride, int L, float *out);
 } moe_fkern;
 
 /** The plain C versions (ops.c), also used by kernel sets that have no vector version of their own. */

@@ -157,7 +157,8 @@ static double sumsq(const float *x, int n) {
   return r;
 }
 
-const moe_fkern moe_fkern_avx2 = {"avx2", tile, round_act, dot, axpy, sumsq, moe_softmax_row_generic, moe_silu_mul_generic};
+const moe_fkern moe_fkern_avx2 = {"avx2", tile, round_act, dot, axpy, sumsq, moe_softmax_row_generic, moe_silu_mul_generic,
+                                  NULL, NULL};
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif
