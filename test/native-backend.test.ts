@@ -238,6 +238,41 @@ test('matmul falls back to ref for a weight type without native kernels, and che
   assert.throws(() => be.matmul(new Float32Array(5), x, 2, { dtype: 'f32', shape: [3, 256], data: new Uint8Array(3 * 1024) }), /output has 5 values/);
 });
 
+test('matmulMany (q, k and v in one job) gives each matmul\'s bits, every type and code path; mixed conversions fall back', { skip }, () => {
+  const r = rng(4242);
+  const inDim = 512;
+  for (const dtype of ['f32', 'f16', 'bf16', 'q8_0', 'q4_0', 'q4_k', 'q6_k'] as DType[]) {
+    const ws = [weights(r, dtype, [64, inDim]), weights(r, dtype, [16, inDim]), weights(r, dtype, [24, inDim])];
+    for (const rows of [1, 2, 7]) {
+      const x = randomArray(r, rows * inDim);
+      everyConfig(`matmulMany ${dtype} ${rows} rows`, (be) => {
+        const outs = ws.map((w) => new Float32Array(rows * w.shape[0]).fill(NaN));
+        be.matmulMany(outs, x, rows, ws);
+        const one = ws.map((w) => {
+          const o = new Float32Array(rows * w.shape[0]);
+          be.matmul(o, x, rows, w);
+          return o;
+        });
+        outs.forEach((o, i) => assert.ok(bitEqual(o, one[i]), `matmulMany ${dtype} ${rows} rows: output ${i} differs from matmul`));
+        return Float32Array.from(outs.flatMap((o) => Array.from(o)));
+      });
+    }
+  }
+  // q8_0 and q4_k convert x differently (q8_0 vs q8_K): done one at a time, still right.
+  const be = new NativeBackend({ threads: 2 });
+  const mixed = [weights(r, 'q8_0', [8, inDim]), weights(r, 'q4_k', [8, inDim]), weights(r, 'f16', [8, inDim])];
+  const x = randomArray(r, inDim);
+  const outs = mixed.map(() => new Float32Array(8));
+  be.matmulMany(outs, x, 1, mixed);
+  mixed.forEach((w, i) => {
+    const o = new Float32Array(8);
+    ref.matmul(o, x, 1, w);
+    within('mixed matmulMany', outs[i], o, (j) => 1e-3 * (1 + Math.abs(o[j])));
+  });
+  assert.throws(() => be.matmulMany([outs[0]], x, 1, mixed), /1 outputs for 3 weights/);
+  assert.throws(() => be.matmulMany([new Float32Array(3), ...outs.slice(1)], x, 1, mixed), /output has 3 values/);
+});
+
 // ---------------------------------------------------------------------------------------------------------------
 // rmsNorm, rope
 // ---------------------------------------------------------------------------------------------------------------

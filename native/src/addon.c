@@ -177,6 +177,55 @@ static napi_value js_matmul(napi_env env, napi_callback_info info) {
   return js_bool(env, moe_matmul(out, x, (int)rows, w, (int)wtype, (int)outDim, (int)inDim) == 0);
 }
 
+// matmulMany(outs: Float32Array[], x: Float32Array, rows, ws: TypedArray[], wtypes: number[], outDims: number[], inDim)
+// -> false if a type is unsupported or the types convert x differently (then nothing is written)
+#define MANY_MAX 16
+static napi_value js_matmul_many(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "matmulMany", 7)) return NULL;
+  size_t nx = 0;
+  const float *x = typed(&a, 1, napi_float32_array, "x", &nx);
+  long long rows = integer(&a, 2, "rows", 0, DIM_MAX), inDim = integer(&a, 6, "inDim", 1, DIM_MAX);
+  if (a.failed) return NULL;
+  uint32_t count = 0;
+  bool isArr = false;
+  for (int i = 0; i < 4; i++) {
+    const size_t at[4] = {0, 3, 4, 5};
+    uint32_t len = 0;
+    napi_is_array(env, a.argv[at[i]], &isArr);
+    if (!isArr || napi_get_array_length(env, a.argv[at[i]], &len) != napi_ok) { fail(&a, 0, "outs, ws, wtypes and outDims must be arrays"); return NULL; }
+    if (i == 0) count = len;
+    else if (len != count) { fail(&a, 1, "outs, ws, wtypes and outDims must have the same length"); return NULL; }
+  }
+  if (count < 1 || count > MANY_MAX) { fail(&a, 1, "between 1 and %d matrices, got %u", MANY_MAX, count); return NULL; }
+  float *outs[MANY_MAX];
+  const void *ws[MANY_MAX];
+  int types[MANY_MAX], dims[MANY_MAX];
+  if (!need(&a, "x", nx, rows * inDim)) return NULL;
+  for (uint32_t i = 0; i < count; i++) {
+    args_t e = a; // the i-th elements, checked by the same helpers
+    e.argc = 4;
+    CHECK(napi_get_element(env, a.argv[0], i, &e.argv[0]));
+    CHECK(napi_get_element(env, a.argv[3], i, &e.argv[1]));
+    CHECK(napi_get_element(env, a.argv[4], i, &e.argv[2]));
+    CHECK(napi_get_element(env, a.argv[5], i, &e.argv[3]));
+    size_t no = 0, nw = 0;
+    outs[i] = typed(&e, 0, napi_float32_array, "outs[i]", &no);
+    ws[i] = bytes_of(&e, 1, "ws[i]", &nw);
+    long long t = integer(&e, 2, "wtypes[i]", 0, 255), od = integer(&e, 3, "outDims[i]", 1, DIM_MAX);
+    if (e.failed) return NULL;
+    int bs = moe_block_size((int)t);
+    if (!bs) return js_bool(env, 0);
+    if (inDim % bs) { fail(&e, 1, "inDim %lld is not a whole number of blocks of %d (type %lld)", inDim, bs, t); return NULL; }
+    size_t rb = moe_row_bytes((int)t, inDim);
+    if (!need(&e, "outs[i]", no, rows * od)) return NULL;
+    if ((long long)nw < (long long)rb * od) { fail(&e, 1, "ws[%u] holds %lld bytes, need %lld", i, (long long)nw, (long long)rb * od); return NULL; }
+    types[i] = (int)t;
+    dims[i] = (int)od;
+  }
+  return js_bool(env, moe_matmul_many((int)count, outs, x, (int)rows, ws, types, dims, (int)inDim) == 0);
+}
+
 // transpose(dst, src, rows, cols): dst[cols, rows] = src[rows, cols]^T
 static napi_value js_transpose(napi_env env, napi_callback_info info) {
   args_t a;
@@ -515,7 +564,7 @@ static napi_value js_info(napi_env env, napi_callback_info info) {
 
 NAPI_MODULE_INIT() {
   struct { const char *name; napi_callback cb; } fns[] = {
-      {"matmul", js_matmul}, {"rmsNorm", js_rmsnorm}, {"rope", js_rope}, {"attention", js_attention},
+      {"matmul", js_matmul}, {"matmulMany", js_matmul_many}, {"rmsNorm", js_rmsnorm}, {"rope", js_rope}, {"attention", js_attention},
       {"moeFFN", js_moe}, {"setThreads", js_set_threads}, {"setKernels", js_set_kernels}, {"setMoeChunk", js_set_moe_chunk},
       {"supports", js_supports}, {"info", js_info}, {"mmap", moe_napi_mmap}, {"repack", js_repack},
       {"transpose", js_transpose}, {"softmaxRows", js_softmax_rows}, {"trainAttention", js_train_attention},

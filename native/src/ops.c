@@ -392,9 +392,19 @@ static void conv_range(void *p, int i0, int i1) {
 // matmul
 // ---------------------------------------------------------------------------------------------------------------
 int moe_matmul(float *out, const float *x, int rows, const void *w, int wtype, int outDim, int inDim) {
-  int fl = moe_is_float_type(wtype);
-  if (!fl && !moe_gemm_supports(wtype)) return -1;
-  if (rows <= 0 || outDim <= 0) return 0;
+  return moe_matmul_many(1, &out, x, rows, &w, &wtype, &outDim, inDim);
+}
+
+int moe_matmul_many(int count, float *const *outs, const float *x, int rows, const void *const *ws, const int *wtypes,
+                    const int *outDims, int inDim) {
+  long long total = 0;
+  for (int i = 0; i < count; i++) {
+    if (!moe_is_float_type(wtypes[i]) && !moe_gemm_supports(wtypes[i])) return -1;
+    if (!same_act(wtypes[0], wtypes[i])) return -1;
+    total += outDims[i] > 0 ? outDims[i] : 0;
+  }
+  if (rows <= 0 || total == 0) return 0;
+  const int wtype = wtypes[0];
   size_t ab = act_bytes_for(wtype, inDim);
   const void *act = x;
   if (wtype != MOE_F32) { // f32 weights multiply x as it is; everything else converts each row once
@@ -404,8 +414,10 @@ int moe_matmul(float *out, const float *x, int rows, const void *w, int wtype, i
     parallel_for(rows, inDim, conv_range, &c);
     act = buf;
   }
+  // One tile list for all the matrices: one job (and one wait) instead of one per matrix.
   tiles_t ts = {0};
-  add_tiles(&ts, wtype, inDim, w, act, ab, rows, outDim, out, outDim, 1.0);
+  for (int i = 0; i < count; i++)
+    add_tiles(&ts, wtypes[i], inDim, ws[i], act, ab, rows, outDims[i], outs[i], outDims[i], (double)outDims[i] / total);
   tiles_run(&ts);
   return 0;
 }

@@ -73,6 +73,12 @@ int moe_block_size(int type);
 // ---- Drivers (ops.c), all multi-threaded on the pool ----
 /** out[rows, outDim] = x[rows, inDim] . W^T for a weight matrix of type wtype; returns 0, or -1 if unsupported. */
 int moe_matmul(float *out, const float *x, int rows, const void *w, int wtype, int outDim, int inDim);
+/**
+ * outs[i][rows, outDims[i]] = x . W_i^T for `count` weight matrices of one input (q, k and v): x converted once and
+ * one job for all. Returns 0, or -1 if a type is unsupported or the types convert x differently (nothing written).
+ */
+int moe_matmul_many(int count, float *const *outs, const float *x, int rows, const void *const *ws, const int *wtypes,
+                    const int *outDims, int inDim);
 void moe_rmsnorm(float *out, const float *x, int rows, const float *weight, int dim, double eps);
 void moe_rope(float *x, int rows, int nHeads, int headDim, const int32_t *positions, double theta);
 void moe_attention(float *out, const float *q, int rows, int start, const float *k, const float *v, int nHeads,

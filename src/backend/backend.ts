@@ -11,6 +11,12 @@ export interface Backend {
   /** out[r, o] = sum_i x[r, i] * w[o, i] for r < rows; w has shape [outDim, inDim]. Semantics as llama.cpp's mul_mat. */
   matmul(out: Float32Array, x: Float32Array, rows: number, w: Tensor): void;
 
+  /**
+   * outs[i] = x . ws[i]^T for several weights of one input (q, k and v), each exactly as matmul gives it; a backend
+   * may convert x once and run them as one job.
+   */
+  matmulMany(outs: readonly Float32Array[], x: Float32Array, rows: number, ws: readonly Tensor[]): void;
+
   /** out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, for `rows` rows of weight.length. */
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void;
 

@@ -15,6 +15,8 @@ import { dtypeInfo, type DType } from '../tensor/dtype.js';
 interface ComputeAddon {
   /** out = x . W^T (accumulate: out += x . W^T, f32 weights only). */
   matmul(out: Float32Array, x: Float32Array, rows: number, w: Uint8Array, wtype: number, outDim: number, inDim: number, accumulate?: boolean): boolean;
+  /** outs[i] = x . W_i^T, x converted once, one job; false (nothing written) when a type is unsupported or they convert x differently. */
+  matmulMany(outs: Float32Array[], x: Float32Array, rows: number, ws: Uint8Array[], wtypes: number[], outDims: number[], inDim: number): boolean;
   /** Training: dst[cols, rows] = src[rows, cols]^T. */
   transpose(dst: Float32Array, src: Float32Array, rows: number, cols: number): void;
   /** Training: lse[r] = log sum exp(x[r, :]); probs[r, :] = exp(x[r, :] - lse[r]) when given. */
@@ -58,7 +60,7 @@ export interface NativeInfo {
   features: Record<string, number>;
 }
 
-const FUNCTIONS = ['matmul', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'crossEntropyBackward', 'adamw', 'rmsNorm', 'rope', 'attention', 'moeFFN', 'repack', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
+const FUNCTIONS = ['matmul', 'matmulMany', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'crossEntropyBackward', 'adamw', 'rmsNorm', 'rope', 'attention', 'moeFFN', 'repack', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
 
 let compute: ComputeAddon | null | undefined;
 let computeError: string | null = null;
@@ -167,6 +169,20 @@ export class NativeBackend implements Backend {
     if (!this.supports(w.dtype) || !this.addon.matmul(out, x, rows, ...this.weight(w, outDim, inDim), outDim, inDim)) {
       this.ref.matmul(out, x, rows, w);
     }
+  }
+
+  matmulMany(outs: readonly Float32Array[], x: Float32Array, rows: number, ws: readonly Tensor[]): void {
+    if (outs.length !== ws.length) throw new Error(`matmulMany: ${outs.length} outputs for ${ws.length} weights`);
+    const inDim = ws[0]?.shape[1];
+    const fused = ws.length > 1 && ws.length <= 16 && rows > 0 &&
+      ws.every((w, i) => w.shape.length === 2 && w.shape[1] === inDim && this.supports(w.dtype) && outs[i].length >= rows * w.shape[0]) &&
+      x.length >= rows * inDim;
+    if (fused) {
+      this.pool();
+      const packed = ws.map((w) => this.weight(w, w.shape[0], inDim));
+      if (this.addon.matmulMany([...outs], x, rows, packed.map((p) => p[0]), packed.map((p) => p[1]), ws.map((w) => w.shape[0]), inDim)) return;
+    }
+    ws.forEach((w, i) => this.matmul(outs[i], x, rows, w)); // one at a time (and matmul's own checks and messages)
   }
 
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void {

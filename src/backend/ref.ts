@@ -27,6 +27,11 @@ export class RefBackend implements Backend {
     }
   }
 
+  matmulMany(outs: readonly Float32Array[], x: Float32Array, rows: number, ws: readonly Tensor[]): void {
+    if (outs.length !== ws.length) throw new Error(`matmulMany: ${outs.length} outputs for ${ws.length} weights`);
+    ws.forEach((w, i) => this.matmul(outs[i], x, rows, w));
+  }
+
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void {
     const dim = weight.length;
     for (let r = 0; r < rows; r++) {

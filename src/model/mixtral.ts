@@ -188,9 +188,7 @@ export function forwardBatch(model: MixtralModel, items: readonly BatchItem[]): 
 
     // Self-attention block: projections over all rows, attention per sequence.
     be.rmsNorm(xn, x, n, layer.input_layernorm, c.rmsNormEps);
-    be.matmul(q, xn, n, layer.self_attn.q_proj);
-    be.matmul(kNew, xn, n, layer.self_attn.k_proj);
-    be.matmul(vNew, xn, n, layer.self_attn.v_proj);
+    be.matmulMany([q, kNew, vNew], xn, n, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]);
     be.rope(q, n, c.numAttentionHeads, hd, positions, c.ropeTheta);
     be.rope(kNew, n, c.numKeyValueHeads, hd, positions, c.ropeTheta);
     items.forEach((it, b) => {
