@@ -361,6 +361,18 @@ static napi_value js_rmsnorm(napi_env env, napi_callback_info info) {
   return undef(env);
 }
 
+// roundF16(x: Float32Array): x[i] = f16(x[i]) in place (round to nearest even, as an f16 KV cache stores values)
+static napi_value js_round_f16(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "roundF16", 1)) return NULL;
+  size_t n = 0;
+  float *x = typed(&a, 0, napi_float32_array, "x", &n);
+  if (a.failed) return NULL;
+  if (n > DIM_MAX) { fail(&a, 1, "x has %zu elements", n); return NULL; }
+  moe_fk()->round_act(MOE_F16, x, x, (int)n);
+  return undef(env);
+}
+
 // rope(x, rows, nHeads, headDim, positions: Int32Array, theta)
 static napi_value js_rope(napi_env env, napi_callback_info info) {
   args_t a;
@@ -564,7 +576,7 @@ static napi_value js_info(napi_env env, napi_callback_info info) {
 
 NAPI_MODULE_INIT() {
   struct { const char *name; napi_callback cb; } fns[] = {
-      {"matmul", js_matmul}, {"matmulMany", js_matmul_many}, {"rmsNorm", js_rmsnorm}, {"rope", js_rope}, {"attention", js_attention},
+      {"matmul", js_matmul}, {"matmulMany", js_matmul_many}, {"rmsNorm", js_rmsnorm}, {"roundF16", js_round_f16}, {"rope", js_rope}, {"attention", js_attention},
       {"moeFFN", js_moe}, {"setThreads", js_set_threads}, {"setKernels", js_set_kernels}, {"setMoeChunk", js_set_moe_chunk},
       {"supports", js_supports}, {"info", js_info}, {"mmap", moe_napi_mmap}, {"repack", js_repack},
       {"transpose", js_transpose}, {"softmaxRows", js_softmax_rows}, {"trainAttention", js_train_attention},

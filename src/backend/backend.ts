@@ -17,6 +17,9 @@ export interface Backend {
    */
   matmulMany(outs: readonly Float32Array[], x: Float32Array, rows: number, ws: readonly Tensor[]): void;
 
+  /** x[i] = x[i] rounded to f16 (nearest even) and back, in place: what an f16 KV cache keeps of a key or value. */
+  roundF16(x: Float32Array): void;
+
   /** out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, for `rows` rows of weight.length. */
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void;
 

@@ -30,6 +30,8 @@ interface ComputeAddon {
   /** Training: one AdamW update of f32 parameters p with gradient g and moments m, v (optimizer.ts). */
   adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, beta1: number, beta2: number, stepSize: number, bc2Sqrt: number, eps: number, decay: number): void;
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void;
+  /** x[i] = f16(x[i]) in place. */
+  roundF16(x: Float32Array): void;
   rope(x: Float32Array, rows: number, nHeads: number, headDim: number, positions: Int32Array, theta: number): void;
   attention(out: Float32Array, q: Float32Array, rows: number, start: number, k: Float32Array, v: Float32Array,
     nHeads: number, nKvHeads: number, headDim: number, scale: number, window: number, kvF16: boolean): void;
@@ -60,7 +62,7 @@ export interface NativeInfo {
   features: Record<string, number>;
 }
 
-const FUNCTIONS = ['matmul', 'matmulMany', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'crossEntropyBackward', 'adamw', 'rmsNorm', 'rope', 'attention', 'moeFFN', 'repack', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
+const FUNCTIONS = ['matmul', 'matmulMany', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'crossEntropyBackward', 'adamw', 'rmsNorm', 'roundF16', 'rope', 'attention', 'moeFFN', 'repack', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
 
 let compute: ComputeAddon | null | undefined;
 let computeError: string | null = null;
@@ -183,6 +185,10 @@ export class NativeBackend implements Backend {
       if (this.addon.matmulMany([...outs], x, rows, packed.map((p) => p[0]), packed.map((p) => p[1]), ws.map((w) => w.shape[0]), inDim)) return;
     }
     ws.forEach((w, i) => this.matmul(outs[i], x, rows, w)); // one at a time (and matmul's own checks and messages)
+  }
+
+  roundF16(x: Float32Array): void {
+    this.addon.roundF16(x);
   }
 
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void {

@@ -32,6 +32,10 @@ export class RefBackend implements Backend {
     ws.forEach((w, i) => this.matmul(outs[i], x, rows, w));
   }
 
+  roundF16(x: Float32Array): void {
+    for (let i = 0; i < x.length; i++) x[i] = roundF16(x[i]);
+  }
+
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void {
     const dim = weight.length;
     for (let r = 0; r < rows; r++) {

@@ -5,7 +5,6 @@
 import type { Backend } from '../backend/backend.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { dequantizeRow } from '../tensor/quant.js';
-import { roundF16 } from '../tensor/f16.js';
 import type { MixtralConfig } from './config.js';
 import { ContextOverflowError, type InferenceSession, type RouterTrace } from './types.js';
 
@@ -62,12 +61,53 @@ class LayerCache {
   }
 }
 
+/** Passes of at most this many rows (decode steps, small batches) reuse the model's buffers instead of allocating. */
+const REUSE_ROWS = 64;
+
+/** forwardBatch's activation buffers for n rows. */
+class ForwardBuffers {
+  readonly x: Float32Array;
+  readonly xn: Float32Array;
+  readonly q: Float32Array;
+  readonly kNew: Float32Array;
+  readonly vNew: Float32Array;
+  readonly attn: Float32Array;
+  readonly proj: Float32Array;
+  readonly routerLogits: Float32Array;
+  readonly chosen: Int32Array;
+  readonly chosenW: Float32Array;
+  constructor(c: MixtralConfig, n: number) {
+    const qDim = c.numAttentionHeads * c.headDim, kvDim = c.numKeyValueHeads * c.headDim;
+    this.x = new Float32Array(n * c.hiddenSize);
+    this.xn = new Float32Array(n * c.hiddenSize);
+    this.q = new Float32Array(n * qDim);
+    this.kNew = new Float32Array(n * kvDim);
+    this.vNew = new Float32Array(n * kvDim);
+    this.attn = new Float32Array(n * qDim);
+    this.proj = new Float32Array(n * c.hiddenSize);
+    this.routerLogits = new Float32Array(n * c.numLocalExperts);
+    this.chosen = new Int32Array(n * c.numExpertsPerTok);
+    this.chosenW = new Float32Array(n * c.numExpertsPerTok);
+  }
+}
+
 export class MixtralModel {
+  /** Buffers kept for small passes, by row count (a decode step allocates nothing but its logits). */
+  private readonly buffers = new Map<number, ForwardBuffers>();
+
   constructor(
     readonly config: MixtralConfig,
     readonly weights: MixtralWeights,
     readonly backend: Backend,
   ) {}
+
+  /** Activation buffers for a pass of n rows (forwardBatch is synchronous, so one set per row count suffices). */
+  forwardBuffers(n: number): ForwardBuffers {
+    if (n > REUSE_ROWS) return new ForwardBuffers(this.config, n);
+    let b = this.buffers.get(n);
+    if (!b) this.buffers.set(n, (b = new ForwardBuffers(this.config, n)));
+    return b;
+  }
 
   newSession(opts: MixtralSessionOptions = {}): MixtralSession {
     const ctx = opts.contextLength ?? this.config.maxPositionEmbeddings;
@@ -161,22 +201,13 @@ export function forwardBatch(model: MixtralModel, items: readonly BatchItem[]): 
     for (let i = 0; i < it.tokens.length; i++) positions[rowStart[b] + i] = it.session.position + i;
   });
 
+  const { x, xn, q, kNew, vNew, attn, proj, routerLogits, chosen, chosenW } = model.forwardBuffers(n);
   // Token embedding (rows of the embedding matrix, dequantized as llama.cpp's get_rows does).
-  const x = new Float32Array(n * dim);
   const embRowBytes = w.embed_tokens.data.length / c.vocabSize;
   items.forEach((it, b) => {
     it.tokens.forEach((t, i) => dequantizeRow(w.embed_tokens.dtype, w.embed_tokens.data, t * embRowBytes, dim, x, (rowStart[b] + i) * dim));
   });
 
-  const xn = new Float32Array(n * dim);
-  const q = new Float32Array(n * qDim);
-  const kNew = new Float32Array(n * kvDim);
-  const vNew = new Float32Array(n * kvDim);
-  const attn = new Float32Array(n * qDim);
-  const proj = new Float32Array(n * dim);
-  const routerLogits = new Float32Array(n * c.numLocalExperts);
-  const chosen = new Int32Array(n * k);
-  const chosenW = new Float32Array(n * k);
   const traceBase = items.map((it) => {
     if (!it.trace) return 0;
     for (let i = 0; i < it.tokens.length; i++) it.trace.push({ experts: [], weights: [] });
@@ -200,10 +231,8 @@ export function forwardBatch(model: MixtralModel, items: readonly BatchItem[]): 
       const kRows = kNew.subarray(r0 * kvDim, (r0 + m) * kvDim);
       const vRows = vNew.subarray(r0 * kvDim, (r0 + m) * kvDim);
       if (s.kvF16) {
-        for (let i = 0; i < m * kvDim; i++) {
-          kRows[i] = roundF16(kRows[i]);
-          vRows[i] = roundF16(vRows[i]);
-        }
+        be.roundF16(kRows);
+        be.roundF16(vRows);
       }
       cache.k.set(kRows, start * kvDim);
       cache.v.set(vRows, start * kvDim);
