@@ -220,12 +220,19 @@ test('repacked q4_0 experts give the file layout\'s bits in the grouped expert F
   }
 });
 
-test('repack: only a mapped model file\'s bytes unless asked, and only rows of whole 512-element groups', { skip: repackSkip }, () => {
+test('repack: only a mapped model file\'s bytes unless asked; q4_0 rearranged only in rows of whole 512-element groups, other types copied as they are', { skip: repackSkip }, () => {
   const a = nativeCompute()!;
   const w = randomQ4_0(rng(79), 8, 1024);
   assert.equal(a.repack(w, 2, 8, 1024), null, 'JS memory may change later: not repacked by default');
-  assert.equal(a.repack(randomQ4_0(rng(80), 8, 1024 + 32), 2, 8, 1024 + 32, true), null, 'rows of 1056: not whole groups');
-  assert.equal(a.repack(w, 8, 8, 1024, true), null, 'q8_0 keeps the file layout');
+  const odd = randomQ4_0(rng(80), 8, 1024 + 32);
+  const copy = a.repack(odd, 2, 8, 1024 + 32, true)!;
+  assert.equal(copy.type, 2, 'rows of 1056 are not whole groups: copied as they are');
+  assert.deepEqual(copy.data, odd);
+  const q8bytes = Uint8Array.from({ length: 8 * 1088 }, (_, i) => (i * 37) & 255);
+  const q8 = a.repack(q8bytes, 8, 8, 1024, true)!;
+  assert.equal(q8.type, 8, 'q8_0 keeps the file layout');
+  assert.deepEqual(q8.data, q8bytes);
+  assert.equal(a.repack(w, 15, 8, 256, true), null, 'q8_k: no kernel runs it, nothing to copy');
   assert.throws(() => a.repack(w, 2, 9, 1024, true), /need/);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'moe-repack-'));
   try {
@@ -241,7 +248,8 @@ test('repack: only a mapped model file\'s bytes unless asked, and only rows of w
   }
 });
 
-test('a q4_0 model gives the same logits with and without repacking (prompt, then decode steps)', { skip: repackSkip }, () => {
+for (const dtype of ['q4_0', 'f16'] as DType[]) {
+test(`a ${dtype} model gives the same logits with and without the engine's own copy of its weights (prompt, then decode steps)`, { skip: dtype === 'q4_0' ? repackSkip : skip }, () => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'moe-repack-model-'));
   try {
     const file = path.join(dir, 'm.gguf');
@@ -249,7 +257,7 @@ test('a q4_0 model gives the same logits with and without repacking (prompt, the
       vocabSize: 300, hiddenSize: 512, intermediateSize: 1024, numHiddenLayers: 2, numAttentionHeads: 8, numKeyValueHeads: 2,
       headDim: 64, numLocalExperts: 4, numExpertsPerTok: 2, rmsNormEps: 1e-5, ropeTheta: 10000, maxPositionEmbeddings: 64,
       slidingWindow: null, tieWordEmbeddings: false,
-    }, { seed: 5, dtype: 'q4_0' });
+    }, { seed: 5, dtype });
     const run = (repack: boolean): Float32Array[] => {
       const m = loadModel(file, { backend: new NativeBackend({ threads: 2, repack }) });
       const s = m.newSession({ contextLength: 64 });
@@ -259,24 +267,27 @@ test('a q4_0 model gives the same logits with and without repacking (prompt, the
     };
     const a = nativeCompute()!;
     const repack = a.repack;
-    let repacked = 0;
+    let repacked = 0, copied = 0;
     a.repack = (...args) => {
       const r = repack(...args);
-      if (r) repacked++;
+      if (r?.type === 200) repacked++;
+      else if (r) copied++;
       return r;
     };
     let want: Float32Array[], got: Float32Array[];
     try {
       want = run(false);
-      assert.equal(repacked, 0);
+      assert.equal(repacked + copied, 0);
       got = run(true);
     } finally {
       a.repack = repack;
     }
-    // q, k, v, o and the three expert tensors of each layer, and the output head
-    assert.equal(repacked, 2 * 7 + 1, 'every q4_0 matrix of the file was repacked');
+    // q, k, v, o, the router and the three expert tensors of each layer, and the output head
+    if (dtype === 'q4_0') assert.deepEqual([repacked, copied], [2 * 7 + 1, 2], 'every q4_0 matrix rearranged, the f32 routers copied');
+    else assert.deepEqual([repacked, copied], [0, 2 * 8 + 1], 'every matrix copied');
     want.forEach((w, i) => assertSameBits(got[i], w, `forward ${i}`));
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+}

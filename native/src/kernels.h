@@ -50,11 +50,11 @@ void moe_gemm_tile(int wtype, int n, const void *w, size_t w_row_bytes, const vo
 /** Whether moe_gemm_tile supports wtype. */
 int moe_gemm_supports(int wtype);
 
-// ---- Repacked weights (llama.cpp repacks q4_0 at load too; ggml-cpu/repack.cpp) ----
+// ---- Weights in the engine's own memory (llama.cpp repacks q4_0 at load too; ggml-cpu/repack.cpp) ----
 /**
- * The type rows of `wtype` and length n are repacked to for the kernels in use (MOE_Q4_0_RP for q4_0 on AVX-512
- * when n is a multiple of 512), or -1 when they are used as they are.
+ * The type rows of `wtype` and length n become in the engine's own copy: MOE_Q4_0_RP for q4_0 on AVX-512 when n
+ * is a multiple of 512, wtype itself (the same bytes) for every other type the kernels run, -1 for other types.
  */
 int moe_repack_type(int wtype, int n);
-/** dst = `rows` rows of src (type wtype, length n) in moe_repack_type's layout; multi-threaded. Same byte size. */
+/** dst = `rows` rows of src (type wtype, length n) as moe_repack_type says; multi-threaded. Same byte size. */
 void moe_repack_rows(int wtype, const void *src, void *dst, long long rows, int n);

@@ -480,9 +480,10 @@ int moe_gemm_supports(int wtype) { return wtype == MOE_Q4_0_RP || generic_suppor
 #define RP_GROUP (16 * B_Q4_0)
 
 int moe_repack_type(int wtype, int n) {
-  if (wtype != MOE_Q4_0 || n <= 0 || n % (16 * QK)) return -1;
-  if (!(forced_path == PATH_AUTO || forced_path == PATH_AVX512) || !have_avx512()) return -1;
-  return MOE_Q4_0_RP;
+  if (n <= 0 || !moe_row_bytes(wtype, n) || !(moe_is_float_type(wtype) || generic_supports(wtype))) return -1;
+  if (wtype == MOE_Q4_0 && n % (16 * QK) == 0 && (forced_path == PATH_AUTO || forced_path == PATH_AVX512) && have_avx512())
+    return MOE_Q4_0_RP;
+  return wtype; // the same layout (copied into the engine's own memory)
 }
 
 static void repack_q4_0_group(const uint8_t *src, uint8_t *dst) {
@@ -501,21 +502,26 @@ static void unrepack_q4_0_group(const uint8_t *src, uint8_t *dst) {
   }
 }
 
-typedef struct { const uint8_t *src; uint8_t *dst; long long groups; atomic_llong next; } repack_job;
-#define REPACK_CHUNK 4096 // groups per claim (~1.2 MB)
+// A job is a list of units (288-byte groups, or plain bytes for a copy) claimed in chunks by the pool's threads.
+typedef struct { const uint8_t *src; uint8_t *dst; long long units; int group; atomic_llong next; } repack_job;
+#define REPACK_CHUNK (1 << 20) // bytes per claim
 
 static void repack_task(void *p, int ith, int nth) {
   (void)ith, (void)nth;
   repack_job *j = p;
-  for (long long g0; (g0 = atomic_fetch_add(&j->next, REPACK_CHUNK)) < j->groups;) {
-    const long long g1 = g0 + REPACK_CHUNK < j->groups ? g0 + REPACK_CHUNK : j->groups;
-    for (long long g = g0; g < g1; g++) repack_q4_0_group(j->src + g * RP_GROUP, j->dst + g * RP_GROUP);
+  const long long per = j->group ? REPACK_CHUNK / RP_GROUP : REPACK_CHUNK;
+  for (long long u0; (u0 = atomic_fetch_add(&j->next, per)) < j->units;) {
+    const long long u1 = u0 + per < j->units ? u0 + per : j->units;
+    if (!j->group) memcpy(j->dst + u0, j->src + u0, (size_t)(u1 - u0));
+    else for (long long g = u0; g < u1; g++) repack_q4_0_group(j->src + g * RP_GROUP, j->dst + g * RP_GROUP);
   }
 }
 
 void moe_repack_rows(int wtype, const void *src, void *dst, long long rows, int n) {
-  if (moe_repack_type(wtype, n) != MOE_Q4_0_RP) abort(); // callers check moe_repack_type first
-  repack_job j = {src, dst, rows * (n / (16 * QK)), 0};
+  const int to = moe_repack_type(wtype, n);
+  if (to < 0) abort(); // callers check moe_repack_type first
+  repack_job j = {src, dst, 0, to == MOE_Q4_0_RP, 0};
+  j.units = j.group ? rows * (n / (16 * QK)) : rows * (long long)moe_row_bytes(wtype, n);
   moe_pool_run(repack_task, &j);
 }
 

@@ -39,9 +39,9 @@ interface ComputeAddon {
     gate: Uint8Array, gateType: number, up: Uint8Array, upType: number, down: Uint8Array, downType: number,
     nExperts: number, ffn: number, dim: number): boolean;
   /**
-   * The weights [rows, n] in the layout the kernels in use want (q4_0 on AVX-512: MOE_Q4_0_RP), a copy the addon
-   * owns, or null when they are used as they are. Only mapped file bytes unless anyMemory; the file's pages are then
-   * released (the copy replaces them in memory).
+   * The weights [rows, n] copied into memory the addon owns (2 MB pages where the OS has them), in the layout the
+   * kernels in use want (q4_0 on AVX-512: MOE_Q4_0_RP; other types unchanged), or null. Only mapped file bytes
+   * unless anyMemory; the file's pages are then released (the copy replaces them in memory).
    */
   repack(w: Uint8Array, wtype: number, rows: number, n: number, anyMemory?: boolean): { data: Uint8Array; type: number } | null;
   setThreads(n: number): number;
@@ -94,10 +94,17 @@ export function nativeBackendAvailable(): boolean {
 }
 
 /**
- * Repacked copies of weight tensors, by their bytes (a mapped model file's, which never change), shared by every
- * backend of this thread; null: used as they are. llama.cpp repacks q4_0 at load the same way (ggml-cpu/repack.cpp).
+ * The engine's own copies of weight tensors (addon.repack), by their bytes (a mapped model file's, which never
+ * change), shared by every backend of this thread; null: used from the file as they are. llama.cpp repacks q4_0 at
+ * load the same way (ggml-cpu/repack.cpp).
  */
 const repacked = new WeakMap<Uint8Array, { data: Uint8Array; type: number } | null>();
+/**
+ * Bytes copied so far, and the most this thread copies: half the machine's memory. Beyond it weights stay in the
+ * file's pages, which the OS can drop and read again, so a model larger than memory still runs from its mapping.
+ */
+let repackedBytes = 0;
+const REPACK_LIMIT = os.totalmem() / 2;
 
 /** The thread count the process-wide pool was last set to (the addon has one pool; backends share it). */
 let poolThreads = 0;
@@ -110,8 +117,9 @@ export interface NativeBackendOptions {
   /** Threads for the kernels (0 or absent: one per available core). */
   threads?: number;
   /**
-   * Repack weights from model files into the kernels' own layout at first use (default true; MOE_REPACK=0 turns it
-   * off). Results are bit-identical either way; only speed and which pages are resident change.
+   * Copy weights from model files into the engine's own memory at first use, on 2 MB pages and in the kernels' own
+   * layout (q4_0 on AVX-512), the file's pages released (default true; MOE_REPACK=0 turns it off and runs from the
+   * file's pages). Results are bit-identical either way; only speed and which pages are resident change.
    */
   repack?: boolean;
 }
@@ -140,7 +148,11 @@ export class NativeBackend implements Backend {
     const type = dtypeInfo(w.dtype).ggmlType;
     if (!this.repack) return [w.data, type];
     let r = repacked.get(w.data);
-    if (r === undefined) repacked.set(w.data, (r = this.addon.repack(w.data, type, rows, n)));
+    if (r === undefined) {
+      r = repackedBytes + w.data.length <= REPACK_LIMIT ? this.addon.repack(w.data, type, rows, n) : null;
+      if (r) repackedBytes += r.data.length;
+      repacked.set(w.data, r);
+    }
     return r ? [r.data, r.type] : [w.data, type];
   }
 
