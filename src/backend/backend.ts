@@ -17,6 +17,13 @@ export interface Backend {
    */
   matmulMany(outs: readonly Float32Array[], x: Float32Array, rows: number, ws: readonly Tensor[]): void;
 
+  /**
+   * Readies weight matrices (2-D [out, in] or stacked 3-D [E, out, in]) for the kernels before their first use, so
+   * that one-time work (native: copying them into the engine's own memory, repacking) happens once, with a progress
+   * line when it is slow, instead of inside the first forward pass's matmuls. Results never depend on it.
+   */
+  prepareWeights(ws: readonly Tensor[]): void;
+
   /** x[i] = x[i] rounded to f16 (nearest even) and back, in place: what an f16 KV cache keeps of a key or value. */
   roundF16(x: Float32Array): void;
 

@@ -10,6 +10,7 @@ import { RefBackend } from './ref.js';
 import { nativeAddon, nativeAddonError } from './native-addon.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { dtypeInfo, type DType } from '../tensor/dtype.js';
+import { Progress } from '../util/progress.js';
 
 /** The compute part of the addon (native/src/addon.c). */
 interface ComputeAddon {
@@ -143,10 +144,11 @@ export class NativeBackend implements Backend {
     this.pool();
   }
 
-  /** The bytes and type code the kernels get for `w` ([rows, n] as a matrix): its repacked copy where there is one. */
-  private weight(w: Tensor, rows: number, n: number): [Uint8Array, number] {
+  /** The bytes and type code the kernels get for weight matrix `w`: the engine's own copy where there is one. */
+  private weight(w: Tensor): [Uint8Array, number] {
     const type = dtypeInfo(w.dtype).ggmlType;
     if (!this.repack) return [w.data, type];
+    const n = w.shape[w.shape.length - 1], rows = w.shape.length ? w.shape.slice(0, -1).reduce((a, b) => a * b, 1) : 0;
     let r = repacked.get(w.data);
     if (r === undefined) {
       r = repackedBytes + w.data.length <= REPACK_LIMIT ? this.addon.repack(w.data, type, rows, n) : null;
@@ -180,7 +182,7 @@ export class NativeBackend implements Backend {
     if (rows === 0) return;
     this.pool();
     // Types neither the float kernels nor quant.c handle (q8_1, q8_k weights: never in model files) use ref.ts.
-    if (!this.supports(w.dtype) || !this.addon.matmul(out, x, rows, ...this.weight(w, outDim, inDim), outDim, inDim)) {
+    if (!this.supports(w.dtype) || !this.addon.matmul(out, x, rows, ...this.weight(w), outDim, inDim)) {
       this.ref.matmul(out, x, rows, w);
     }
   }
@@ -193,10 +195,24 @@ export class NativeBackend implements Backend {
       x.length >= rows * inDim;
     if (fused) {
       this.pool();
-      const packed = ws.map((w) => this.weight(w, w.shape[0], inDim));
+      const packed = ws.map((w) => this.weight(w));
       if (this.addon.matmulMany([...outs], x, rows, packed.map((p) => p[0]), packed.map((p) => p[1]), ws.map((w) => w.shape[0]), inDim)) return;
     }
     ws.forEach((w, i) => this.matmul(outs[i], x, rows, w)); // one at a time (and matmul's own checks and messages)
+  }
+
+  prepareWeights(ws: readonly Tensor[]): void {
+    if (!this.repack) return;
+    const todo = ws.filter((w) => w.shape.length >= 2 && this.supports(w.dtype) && !repacked.has(w.data));
+    const total = todo.reduce((s, w) => s + w.data.length, 0);
+    // Copies run at memory speed (~1 GB/s with the page faults): a line only for the slow ones.
+    const progress = total >= 512 * 2 ** 20 ? new Progress({ label: 'copying weights to the engine\'s memory', total }) : null;
+    let done = 0;
+    for (const w of todo) {
+      this.weight(w);
+      progress?.update((done += w.data.length));
+    }
+    progress?.finish();
   }
 
   roundF16(x: Float32Array): void {
@@ -235,8 +251,8 @@ export class NativeBackend implements Backend {
     if (rows === 0) return;
     this.pool();
     const ok = this.supports(gate.dtype) && this.supports(up.dtype) && this.supports(down.dtype) &&
-      this.addon.moeFFN(out, x, rows, experts, weights, k, ...this.weight(gate, nExperts * ffn, dim),
-        ...this.weight(up, nExperts * ffn, dim), ...this.weight(down, nExperts * dim, ffn), nExperts, ffn, dim);
+      this.addon.moeFFN(out, x, rows, experts, weights, k, ...this.weight(gate), ...this.weight(up),
+        ...this.weight(down), nExperts, ffn, dim);
     if (!ok) this.ref.moeFFN(out, x, rows, experts, weights, k, gate, up, down); // an unsupported expert dtype
   }
 }

@@ -32,6 +32,10 @@ export class RefBackend implements Backend {
     ws.forEach((w, i) => this.matmul(outs[i], x, rows, w));
   }
 
+  prepareWeights(): void {
+    // dotRow reads every weight type where it lies: nothing to ready.
+  }
+
   roundF16(x: Float32Array): void {
     for (let i = 0; i < x.length; i++) x[i] = roundF16(x[i]);
   }

@@ -101,6 +101,20 @@ export class MixtralModel {
     readonly backend: Backend,
   ) {}
 
+  private prepared = false;
+
+  /** Hands every weight matrix to the backend to ready once (Backend.prepareWeights); forwardBatch's first call does. */
+  prepare(): void {
+    if (this.prepared) return;
+    const w = this.weights;
+    const ws = w.layers.flatMap((l) => {
+      const { q_proj, k_proj, v_proj, o_proj } = l.self_attn, moe = l.block_sparse_moe;
+      return [q_proj, k_proj, v_proj, o_proj, ...(moe.gate ? [moe.gate] : []), moe.experts.w1, moe.experts.w3, moe.experts.w2];
+    });
+    this.backend.prepareWeights([...ws, w.lm_head]);
+    this.prepared = true;
+  }
+
   /** Activation buffers for a pass of n rows (forwardBatch is synchronous, so one set per row count suffices). */
   forwardBuffers(n: number): ForwardBuffers {
     if (n > REUSE_ROWS) return new ForwardBuffers(this.config, n);
@@ -185,6 +199,7 @@ export function forwardBatch(model: MixtralModel, items: readonly BatchItem[]): 
       if (!(Number.isInteger(t) && t >= 0 && t < c.vocabSize)) throw new Error(`token id ${t} outside the vocabulary (0..${c.vocabSize - 1})`);
     }
   }
+  model.prepare();
   const dim = c.hiddenSize;
   const hd = c.headDim;
   const qDim = c.numAttentionHeads * hd;
