@@ -234,8 +234,8 @@ async function main() {
         } else {
           const r = await runLlama(llama.bin, models[t].path, nPrompt, nGen, label);
           llamaInfo = r.info;
-          if (r.pp !== null) s.pp.push(r.pp);
-          if (r.tg !== null) s.tg.push(r.tg);
+          s.pp.push(r.pp ?? NaN); // NaN (skipped by the summaries) keeps index = repetition for the paired ratios
+          s.tg.push(r.tg ?? NaN);
           if (r.maxRssBytes) s.rss.push(r.maxRssBytes);
           log(`${label}: pp ${r.pp?.toFixed(2)} tok/s, tg ${r.tg?.toFixed(2)} tok/s, peak RSS ${Math.round((r.maxRssBytes ?? 0) / 1e6)} MB`);
         }

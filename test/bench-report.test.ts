@@ -10,6 +10,7 @@ import { randomMixtralTensors } from '../src/workflows/random-model.js';
 import {
   generationBytesPerToken,
   makeRow,
+  pairedRatios,
   parseLlamaBenchJson,
   perTokenCosts,
   promptFlopsPerToken,
@@ -94,6 +95,9 @@ test('generation bytes, prompt flops and shares follow their definitions', () =>
   assert.deepEqual(row.moe, { best: 30, median: 20, n: 3 });
   assert.deepEqual(row.llama, { best: 40, median: 30, n: 2 });
   assert.equal(row.ratio, 0.75);
+  assert.deepEqual(row.paired, { median: 0.875, min: 0.25, max: 1.5, n: 2 }, 'repetitions 1 and 2: 10/40, 30/20 (median of two: their mean)');
+  assert.deepEqual(pairedRatios([10, 20, 30], [NaN, 10, 20]), { median: 1.75, min: 1.5, max: 2, n: 2 }, 'a repetition without a figure is left out, the others stay paired');
+  assert.equal(pairedRatios([1], []), null);
   assert.equal(row.moeShare, 0.6);
   assert.equal(row.llamaShare, 0.8);
   const alone = makeRow('f16', 'pp', 8, [5], [], 1, 10);

@@ -162,6 +162,12 @@ export interface BenchRow {
   llama: Summary | null;
   /** Best over best. */
   ratio: number | null;
+  /**
+   * moe-ts / llama.cpp within each repetition (the two runs of a repetition are adjacent in time, so they saw the
+   * same machine state; on a shared machine whose memory bandwidth drifts between runs this is the steadier figure):
+   * median, lowest and highest. Null without two runs in at least one repetition.
+   */
+  paired: { median: number; min: number; max: number; n: number } | null;
   moeShare: number | null;
   llamaShare: number | null;
 }
@@ -203,7 +209,15 @@ export interface BenchReport {
   notes: string[];
 }
 
-/** Builds a row from repeated figures and the two shares' denominators. */
+/** Per-repetition ratios a[i] / b[i] (index = repetition; non-finite entries are runs that gave no figure). */
+export function pairedRatios(a: readonly number[], b: readonly number[]): BenchRow['paired'] {
+  const r: number[] = [];
+  for (let i = 0; i < Math.min(a.length, b.length); i++) if (Number.isFinite(a[i]) && Number.isFinite(b[i]) && b[i] > 0) r.push(a[i] / b[i]);
+  const s = summarize(r);
+  return s ? { median: s.median, min: Math.min(...r), max: s.best, n: s.n } : null;
+}
+
+/** Builds a row from repeated figures (index = repetition) and the two shares' denominators. */
 export function makeRow(
   model: string,
   test: 'pp' | 'tg',
@@ -222,6 +236,7 @@ export function makeRow(
     moe,
     llama,
     ratio: moe && llama ? moe.best / llama.best : null,
+    paired: pairedRatios(moeTs, llamaTs),
     moeShare: moe ? shareOfLimit(moe.best, costPerToken, limitPerSecond) : null,
     llamaShare: llama ? shareOfLimit(llama.best, costPerToken, limitPerSecond) : null,
   };
@@ -234,6 +249,8 @@ const fmtTs = (s: Summary | null): string => {
 };
 const fmtPct = (x: number | null): string => (x === null ? 'n/a' : `${(x * 100).toFixed(x < 0.1 ? 1 : 0)}%`);
 const fmtRatio = (x: number | null): string => (x === null ? 'n/a' : `${x.toFixed(x < 0.1 ? 3 : 2)}x`);
+const fmtPaired = (p: BenchRow['paired']): string =>
+  p === null ? 'n/a' : p.n > 1 ? `${fmtRatio(p.median)} (${p.min.toFixed(2)}-${p.max.toFixed(2)})` : fmtRatio(p.median);
 const fmtMB = (x: number | null): string => (x === null ? 'n/a' : `${Math.round(x / 1e6)} MB`);
 
 function tableLines(header: string[], rows: string[][]): string[] {
@@ -242,8 +259,8 @@ function tableLines(header: string[], rows: string[][]): string[] {
 
 export function resultTable(rows: readonly BenchRow[]): string[] {
   return tableLines(
-    ['model', 'test', 'moe-ts tok/s best (median)', 'llama.cpp tok/s best (median)', 'moe-ts / llama.cpp', 'moe-ts share of limit', 'llama.cpp share of limit'],
-    rows.map((r) => [r.model, `${r.test}${r.tokens}`, fmtTs(r.moe), fmtTs(r.llama), fmtRatio(r.ratio), fmtPct(r.moeShare), fmtPct(r.llamaShare)]),
+    ['model', 'test', 'moe-ts tok/s best (median)', 'llama.cpp tok/s best (median)', 'moe-ts / llama.cpp (best / best)', 'per repetition: median (range)', 'moe-ts share of limit', 'llama.cpp share of limit'],
+    rows.map((r) => [r.model, `${r.test}${r.tokens}`, fmtTs(r.moe), fmtTs(r.llama), fmtRatio(r.ratio), fmtPaired(r.paired), fmtPct(r.moeShare), fmtPct(r.llamaShare)]),
   );
 }
 
