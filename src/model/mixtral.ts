@@ -64,7 +64,7 @@ class LayerCache {
 /** Passes of at most this many rows (decode steps, small batches) reuse the model's buffers instead of allocating. */
 const REUSE_ROWS = 64;
 
-/** forwardBatch's activation buffers for n rows. */
+/** forwardBatch's activation buffers, for up to `rows` rows. */
 class ForwardBuffers {
   readonly x: Float32Array;
   readonly xn: Float32Array;
@@ -76,32 +76,52 @@ class ForwardBuffers {
   readonly routerLogits: Float32Array;
   readonly chosen: Int32Array;
   readonly chosenW: Float32Array;
-  constructor(c: MixtralConfig, n: number) {
+  constructor(
+    private readonly c: MixtralConfig,
+    readonly rows: number,
+  ) {
     const qDim = c.numAttentionHeads * c.headDim, kvDim = c.numKeyValueHeads * c.headDim;
-    this.x = new Float32Array(n * c.hiddenSize);
-    this.xn = new Float32Array(n * c.hiddenSize);
-    this.q = new Float32Array(n * qDim);
-    this.kNew = new Float32Array(n * kvDim);
-    this.vNew = new Float32Array(n * kvDim);
-    this.attn = new Float32Array(n * qDim);
-    this.proj = new Float32Array(n * c.hiddenSize);
-    this.routerLogits = new Float32Array(n * c.numLocalExperts);
-    this.chosen = new Int32Array(n * c.numExpertsPerTok);
-    this.chosenW = new Float32Array(n * c.numExpertsPerTok);
+    this.x = new Float32Array(rows * c.hiddenSize);
+    this.xn = new Float32Array(rows * c.hiddenSize);
+    this.q = new Float32Array(rows * qDim);
+    this.kNew = new Float32Array(rows * kvDim);
+    this.vNew = new Float32Array(rows * kvDim);
+    this.attn = new Float32Array(rows * qDim);
+    this.proj = new Float32Array(rows * c.hiddenSize);
+    this.routerLogits = new Float32Array(rows * c.numLocalExperts);
+    this.chosen = new Int32Array(rows * c.numExpertsPerTok);
+    this.chosenW = new Float32Array(rows * c.numExpertsPerTok);
+  }
+
+  /** The first n rows of every buffer. */
+  view(n: number): Omit<ForwardBuffers, 'view' | 'rows'> {
+    const c = this.c, dim = c.hiddenSize, qDim = c.numAttentionHeads * c.headDim, kvDim = c.numKeyValueHeads * c.headDim;
+    if (n === this.rows) return this;
+    return {
+      x: this.x.subarray(0, n * dim),
+      xn: this.xn.subarray(0, n * dim),
+      q: this.q.subarray(0, n * qDim),
+      kNew: this.kNew.subarray(0, n * kvDim),
+      vNew: this.vNew.subarray(0, n * kvDim),
+      attn: this.attn.subarray(0, n * qDim),
+      proj: this.proj.subarray(0, n * dim),
+      routerLogits: this.routerLogits.subarray(0, n * c.numLocalExperts),
+      chosen: this.chosen.subarray(0, n * c.numExpertsPerTok),
+      chosenW: this.chosenW.subarray(0, n * c.numExpertsPerTok),
+    };
   }
 }
 
 export class MixtralModel {
-  /** Buffers kept for small passes, by row count (a decode step allocates nothing but its logits). */
-  private readonly buffers = new Map<number, ForwardBuffers>();
+  /** Buffers kept for small passes (a decode step allocates nothing but its logits); grown up to REUSE_ROWS rows. */
+  private buffers: ForwardBuffers | null = null;
+  private prepared = false;
 
   constructor(
     readonly config: MixtralConfig,
     readonly weights: MixtralWeights,
     readonly backend: Backend,
   ) {}
-
-  private prepared = false;
 
   /** Hands every weight matrix to the backend to ready once (Backend.prepareWeights); forwardBatch's first call does. */
   prepare(): void {
@@ -115,12 +135,11 @@ export class MixtralModel {
     this.prepared = true;
   }
 
-  /** Activation buffers for a pass of n rows (forwardBatch is synchronous, so one set per row count suffices). */
-  forwardBuffers(n: number): ForwardBuffers {
+  /** Activation buffers for a pass of n rows (forwardBatch is synchronous, so one set serves every pass). */
+  forwardBuffers(n: number): Omit<ForwardBuffers, 'view' | 'rows'> {
     if (n > REUSE_ROWS) return new ForwardBuffers(this.config, n);
-    let b = this.buffers.get(n);
-    if (!b) this.buffers.set(n, (b = new ForwardBuffers(this.config, n)));
-    return b;
+    if (!this.buffers || this.buffers.rows < n) this.buffers = new ForwardBuffers(this.config, n);
+    return this.buffers.view(n);
   }
 
   newSession(opts: MixtralSessionOptions = {}): MixtralSession {
