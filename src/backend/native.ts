@@ -2,7 +2,9 @@
 // persistent thread pool) behind the N-API addon. Every call is synchronous and works on the caller's TypedArrays in
 // place. Weights stay in their file dtype: f32 / f16 / bf16 go to the float GEMM/GEMV kernels (native/src/ops*.c),
 // quantized types to quant.c's kernels after the activation rows are converted to the weight's vec_dot_type (once
-// per row, shared by all threads), as llama.cpp does; ref.ts is the oracle it is tested against.
+// per row, shared by all threads), as llama.cpp does; ref.ts is the oracle it is tested against. A model file's
+// weight matrices are copied once into the addon's own memory on 2 MB pages (q4_0 rearranged for the AVX-512 kernels;
+// prepareWeights, repack below), which changes speed and resident pages, never results.
 
 import * as os from 'node:os';
 import type { AttentionShape, Backend } from './backend.js';
