@@ -530,10 +530,10 @@ void moe_gemm_tile(int wtype, int n, const void *w, size_t w_row_bytes, const vo
   if (R <= 0 || j1 <= j0 || n <= 0) return;
   const uint8_t *wb = (const uint8_t *)w, *ab = (const uint8_t *)act;
   const int path = forced_path;
+  if ((path == PATH_AUTO || path == PATH_AVX512) && have_avx512() &&
+      moe_gemm_avx512(wtype, n, wb, w_row_bytes, ab, act_row_bytes, R, j0, j1, out, ldo))
+    return;
   if (wtype == MOE_Q4_0_RP) {
-    if ((path == PATH_AUTO || path == PATH_AVX512) && have_avx512() &&
-        moe_gemm_avx512(wtype, n, wb, w_row_bytes, ab, act_row_bytes, R, j0, j1, out, ldo))
-      return;
     // Another kernel set was chosen after the weights were repacked (tests switch them): each row back to q4_0.
     const int ng = n / (16 * QK);
     uint8_t *row = (uint8_t *)malloc((size_t)ng * RP_GROUP);
@@ -545,9 +545,6 @@ void moe_gemm_tile(int wtype, int n, const void *w, size_t w_row_bytes, const vo
     free(row);
     return;
   }
-  if ((path == PATH_AUTO || path == PATH_AVX512) && have_avx512() &&
-      moe_gemm_avx512(wtype, n, wb, w_row_bytes, ab, act_row_bytes, R, j0, j1, out, ldo))
-    return;
   if ((path == PATH_AUTO || path == PATH_AVX2) && have_avx2() &&
       moe_gemm_avx2(wtype, n, wb, w_row_bytes, ab, act_row_bytes, R, j0, j1, out, ldo))
     return;
