@@ -111,32 +111,32 @@ static void finalize_mapping(napi_env env, void *data, void *hint) {
   free(m);
 }
 
-int moe_mmap_contains(const void *p, size_t len) {
+/** Whether [p, p + len) lies inside one live mapping; the caller holds live_mu. */
+static int live_contains(const void *p, size_t len) {
   const uintptr_t a = (uintptr_t)p, b = a + len;
-  int found = 0;
+  for (mapping *m = live; m; m = m->next)
+    if (a >= (uintptr_t)m->base && b <= (uintptr_t)m->base + m->len) return 1;
+  return 0;
+}
+
+int moe_mmap_contains(const void *p, size_t len) {
   pthread_mutex_lock(&live_mu);
-  for (mapping *m = live; m && !found; m = m->next) found = a >= (uintptr_t)m->base && b <= (uintptr_t)m->base + m->len;
+  const int found = live_contains(p, len);
   pthread_mutex_unlock(&live_mu);
   return found;
 }
 
 int moe_mmap_release(const void *p, size_t len) {
-  const uintptr_t a = (uintptr_t)p, b = a + len;
   long page = sysconf(_SC_PAGESIZE);
   const uintptr_t ps = (uintptr_t)(page > 0 ? page : 4096);
-  const uintptr_t lo = (a + ps - 1) / ps * ps, hi = b / ps * ps;
+  const uintptr_t lo = ((uintptr_t)p + ps - 1) / ps * ps, hi = ((uintptr_t)p + len) / ps * ps;
   int done = 0;
-  pthread_mutex_lock(&live_mu);
-  for (mapping *m = live; m; m = m->next) {
-    const uintptr_t mb = (uintptr_t)m->base;
-    if (a >= mb && b <= mb + m->len) {
-      if (hi > lo) done = madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0;
-      break;
-    }
-  }
+  pthread_mutex_lock(&live_mu); // held across the madvise: the mapping cannot be unmapped meanwhile
+  if (hi > lo && live_contains(p, len)) done = madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0;
   pthread_mutex_unlock(&live_mu);
   return done;
 }
+
 #else
 int moe_mmap_contains(const void *p, size_t len) {
   (void)p;
