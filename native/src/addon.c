@@ -153,6 +153,25 @@ static napi_value undef(napi_env env) {
 
 #define DIM_MAX 0x7fffffffLL
 
+/**
+ * Checks weight matrix argument `what` [outDim, inDim] of type wtype, held in nw bytes: 1 when it fits, 0 for a type
+ * the addon does not know (the caller falls back to ref), -1 after throwing (a partial block, too few bytes).
+ */
+static int check_weights(args_t *a, const char *what, long long wtype, size_t nw, long long outDim, long long inDim) {
+  int bs = moe_block_size((int)wtype);
+  if (!bs) return 0;
+  if (inDim % bs) {
+    fail(a, 1, "inDim %lld is not a whole number of blocks of %d (type %lld)", inDim, bs, wtype);
+    return -1;
+  }
+  long long want = (long long)moe_row_bytes((int)wtype, inDim) * outDim;
+  if ((long long)nw < want) {
+    fail(a, 1, "%s hold %lld bytes, need %lld", what, (long long)nw, want);
+    return -1;
+  }
+  return 1;
+}
+
 // matmul(out: Float32Array, x: Float32Array, rows, w: TypedArray, wtype, outDim, inDim) -> false if wtype unsupported
 static napi_value js_matmul(napi_env env, napi_callback_info info) {
   args_t a;
@@ -165,12 +184,9 @@ static napi_value js_matmul(napi_env env, napi_callback_info info) {
   long long wtype = integer(&a, 4, "weight type", 0, 255);
   long long outDim = integer(&a, 5, "outDim", 1, DIM_MAX), inDim = integer(&a, 6, "inDim", 1, DIM_MAX);
   if (a.failed) return NULL;
-  int bs = moe_block_size((int)wtype);
-  if (!bs) return js_bool(env, 0); // a type the addon does not know: the caller falls back to ref
-  if (inDim % bs) { fail(&a, 1, "inDim %lld is not a whole number of blocks of %d (type %lld)", inDim, bs, wtype); return NULL; }
-  size_t rb = moe_row_bytes((int)wtype, inDim);
+  int wok = check_weights(&a, "weights", wtype, nw, outDim, inDim);
+  if (wok <= 0) return wok ? NULL : js_bool(env, 0); // unknown type: the caller falls back to ref
   if (!need(&a, "out", no, rows * outDim) || !need(&a, "x", nx, rows * inDim)) return NULL;
-  if ((long long)nw < (long long)rb * outDim) { fail(&a, 1, "weights hold %lld bytes, need %lld", (long long)nw, (long long)rb * outDim); return NULL; }
   bool acc = false; // optional 8th argument: add the product into out (f32 weights only)
   if (a.argc > 7 && napi_get_value_bool(env, a.argv[7], &acc) != napi_ok) { fail(&a, 0, "accumulate must be a boolean"); return NULL; }
   if (acc) {
@@ -217,12 +233,9 @@ static napi_value js_matmul_many(napi_env env, napi_callback_info info) {
     ws[i] = bytes_of(&e, 1, "ws[i]", &nw);
     long long t = integer(&e, 2, "wtypes[i]", 0, 255), od = integer(&e, 3, "outDims[i]", 1, DIM_MAX);
     if (e.failed) return NULL;
-    int bs = moe_block_size((int)t);
-    if (!bs) return js_bool(env, 0);
-    if (inDim % bs) { fail(&e, 1, "inDim %lld is not a whole number of blocks of %d (type %lld)", inDim, bs, t); return NULL; }
-    size_t rb = moe_row_bytes((int)t, inDim);
+    int wok = check_weights(&e, "ws[i]", t, nw, od, inDim);
+    if (wok <= 0) return wok ? NULL : js_bool(env, 0);
     if (!need(&e, "outs[i]", no, rows * od)) return NULL;
-    if ((long long)nw < (long long)rb * od) { fail(&e, 1, "ws[%u] holds %lld bytes, need %lld", i, (long long)nw, (long long)rb * od); return NULL; }
     types[i] = (int)t;
     dims[i] = (int)od;
   }
