@@ -175,8 +175,25 @@ void moe_silu_mul_generic(float *g, const float *u, int n) {
   }
 }
 
+// Attention scores and weighted sums for kernel sets without their own: the set in use's dot() and axpy() per key and
+// head (the kernel set is chosen before any attention runs, so moe_fk() is the set these entries belong to).
+void moe_scores_generic(const float *q, int G, int hd, const float *k, size_t kstride, int L, float scale, float *sc,
+                        size_t ldsc) {
+  const moe_fkern *K = moe_fk();
+  for (int j = 0; j < L; j++)
+    for (int g = 0; g < G; g++) sc[(size_t)g * ldsc + j] = K->dot(q + (size_t)g * hd, k + (size_t)j * kstride, hd) * scale;
+}
+
+void moe_weighted_sum_generic(const float *p, size_t ldp, int G, int hd, const float *v, size_t vstride, int L,
+                              float *out) {
+  const moe_fkern *K = moe_fk();
+  memset(out, 0, (size_t)G * hd * sizeof(float));
+  for (int j = 0; j < L; j++)
+    for (int g = 0; g < G; g++) K->axpy(out + (size_t)g * hd, p[(size_t)g * ldp + j], v + (size_t)j * vstride, hd);
+}
+
 const moe_fkern moe_fkern_generic = {"generic", g_tile, g_round_act, g_dot, g_axpy, g_sumsq, moe_softmax_row_generic,
-                                     moe_silu_mul_generic, NULL, NULL};
+                                     moe_silu_mul_generic, moe_scores_generic, moe_weighted_sum_generic};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Dispatch
@@ -515,17 +532,9 @@ static void att_range(void *p, int t0, int t1) {
     }
     const float *k0 = c->k + (size_t)jMin * kvStride + (size_t)kvh * hd, *v0 = c->v + (size_t)jMin * kvStride + (size_t)kvh * hd;
     float *og = c->out + (size_t)r * c->nH * hd + (size_t)kvh * G * hd; // the group's heads are adjacent
-    if (K->scores) K->scores(qh, G, hd, k0, kvStride, L, c->scale, sc, (size_t)L);
-    else
-      for (int j = 0; j < L; j++)
-        for (int g = 0; g < G; g++) sc[(size_t)g * L + j] = K->dot(qh + (size_t)g * hd, k0 + (size_t)j * kvStride, hd) * c->scale;
+    K->scores(qh, G, hd, k0, kvStride, L, c->scale, sc, (size_t)L);
     for (int g = 0; g < G; g++) K->softmax_row(sc + (size_t)g * L, L, c->kvF16);
-    if (K->weighted_sum) K->weighted_sum(sc, (size_t)L, G, hd, v0, kvStride, L, og);
-    else {
-      memset(og, 0, (size_t)G * hd * 4);
-      for (int j = 0; j < L; j++)
-        for (int g = 0; g < G; g++) K->axpy(og + (size_t)g * hd, sc[(size_t)g * L + j], v0 + (size_t)j * kvStride, hd);
-    }
+    K->weighted_sum(sc, (size_t)L, G, hd, v0, kvStride, L, og);
   }
 }
 

@@ -36,12 +36,12 @@ typedef struct {
   void (*silu_mul)(float *g, const float *u, int n);
   /**
    * Attention scores of G query heads (q: G rows of hd) against L keys (row j at k + j * kstride):
-   * sc[g * ldsc + j] = dot(q_g, k_j) * scale, with dot's arithmetic. NULL: ops.c calls dot per key and head.
+   * sc[g * ldsc + j] = dot(q_g, k_j) * scale, with dot's arithmetic.
    */
   void (*scores)(const float *q, int G, int hd, const float *k, size_t kstride, int L, float scale, float *sc, size_t ldsc);
   /**
    * out[g * hd + d] = sum over j = 0..L-1 in order of p[g * ldp + j] * v[j * vstride + d], with axpy's arithmetic
-   * from zero (out is overwritten). NULL: ops.c calls axpy per value and head.
+   * from zero (out is overwritten).
    */
   void (*weighted_sum)(const float *p, size_t ldp, int G, int hd, const float *v, size_t vstride, int L, float *out);
 } moe_fkern;
@@ -49,6 +49,10 @@ typedef struct {
 /** The plain C versions (ops.c), also used by kernel sets that have no vector version of their own. */
 double moe_softmax_row_generic(float *s, int n, int round_f16);
 void moe_silu_mul_generic(float *g, const float *u, int n);
+void moe_scores_generic(const float *q, int G, int hd, const float *k, size_t kstride, int L, float scale, float *sc,
+                        size_t ldsc);
+void moe_weighted_sum_generic(const float *p, size_t ldp, int G, int hd, const float *v, size_t vstride, int L,
+                              float *out);
 
 extern const moe_fkern moe_fkern_generic;
 #if defined(MOE_HAVE_X86_KERNELS)

@@ -158,7 +158,7 @@ static double sumsq(const float *x, int n) {
 }
 
 const moe_fkern moe_fkern_avx2 = {"avx2", tile, round_act, dot, axpy, sumsq, moe_softmax_row_generic, moe_silu_mul_generic,
-                                  NULL, NULL};
+                                  moe_scores_generic, moe_weighted_sum_generic};
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif
