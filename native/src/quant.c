@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include "quant_impl.h"
+#include "ops.h" // moe_row_bytes, moe_is_float_type
 
 // ---------------------------------------------------------------------------------------------------------------
 // Scratch memory

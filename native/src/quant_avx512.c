@@ -25,6 +25,7 @@
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #endif
 #include <immintrin.h>
+#include "hsum_avx512.h"
 
 #define AI static inline __attribute__((always_inline))
 #define MAXW 4
@@ -39,7 +40,7 @@
 #define UNROLL _Pragma("GCC unroll 16")
 #endif
 
-static float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
+static float hsum512(__m512 v) { return hsum16(v); }
 
 // ================================================================================================================
 // q4_0, q4_1, q5_0, q5_1, q8_0: blocks of 32, in groups of 16 blocks with one block per 32-bit lane
@@ -233,10 +234,9 @@ AI void group32(const int wtype, const int RW, const int RA, const uint8_t *cons
   }
 }
 
-AI void tile32(const int wtype, const int RW, const int RA, const uint8_t *w, size_t wrb, int nb, const uint8_t *ax,
-               size_t astride, float *out, int ldo) {
+AI void tile32_acc(const int wtype, const int RW, const int RA, const uint8_t *w, size_t wrb, int nb, const uint8_t *ax,
+                   size_t astride, __m512 acc[MAXW][MAXA]) {
   const int bs = block_bytes(wtype), full = nb / 16;
-  __m512 acc[MAXW][MAXA];
   UNROLL for (int i = 0; i < RW; i++) UNROLL for (int r = 0; r < RA; r++) acc[i][r] = _mm512_setzero_ps();
   const uint8_t *wp[MAXW];
   for (int g = 0; g < full; g++) {
@@ -253,6 +253,12 @@ AI void tile32(const int wtype, const int RW, const int RA, const uint8_t *w, si
     }
     group32(wtype, RW, RA, wp, bs, ax + (size_t)full * G_STRIDE, astride, acc);
   }
+}
+
+AI void tile32(const int wtype, const int RW, const int RA, const uint8_t *w, size_t wrb, int nb, const uint8_t *ax,
+               size_t astride, float *out, int ldo) {
+  __m512 acc[MAXW][MAXA];
+  tile32_acc(wtype, RW, RA, w, wrb, nb, ax, astride, acc);
   UNROLL for (int i = 0; i < RW; i++) UNROLL for (int r = 0; r < RA; r++) out[(size_t)r * ldo + i] = hsum512(acc[i][r]);
 }
 
@@ -291,9 +297,6 @@ typedef void (*tile_fn)(int RW, int RA, const uint8_t *w, size_t wrb, int nb, co
 /** Rows j0..j1 in groups of MAXW weight rows; each group against all R activation rows in groups of MAXA. */
 static void run_tiles(tile_fn fn, int mw, const uint8_t *w, size_t wrb, int nb, const uint8_t *ax, size_t astride,
                       int R, int j0, int j1, float *out, int ldo) {
-  // Decode-sized R is bound by memory, and one weight row at a time streams from DRAM markedly faster here than
-  // several rows side by side (measured: q8_0 28 vs 11 GB/s, q6_K 32 vs 15 GB/s on one Zen 5 core).
-  if (R <= 2) mw = 1;
   for (int j = j0; j < j1; j += mw) {
     const int rw = j1 - j < mw ? j1 - j : mw;
     for (int r = 0; r < R; r += MAXA) {
@@ -302,6 +305,9 @@ static void run_tiles(tile_fn fn, int mw, const uint8_t *w, size_t wrb, int nb, 
     }
   }
 }
+
+static int gemv(int wtype, int R, const uint8_t *w, size_t wrb, int nb, const uint8_t *ax, size_t astride, int j0,
+                int j1, float *out, int ldo);
 
 static int gemm32(int wtype, int n, const uint8_t *w, size_t wrb, const uint8_t *act, size_t arb, int R, int j0,
                   int j1, float *out, int ldo) {
@@ -326,6 +332,7 @@ static int gemm32(int wtype, int n, const uint8_t *w, size_t wrb, const uint8_t 
                : wtype == MOE_Q5_0 ? tile_q5_0
                : wtype == MOE_Q5_1 ? tile_q5_1
                                    : tile_q8_0;
+  if (R <= 2) return gemv(wtype, R, w, wrb, nb, ax, astride, j0, j1, out, ldo);
   run_tiles(fn, W32, w, wrb, nb, ax, astride, R, j0, j1, out, ldo);
   return 1;
 }
@@ -527,16 +534,21 @@ AI void bodyK(const int wtype, const int RW, const int RA, const uint8_t *const 
   }
 }
 
-AI void tileK(const int wtype, const int RW, const int RA, const uint8_t *w, size_t wrb, int nsb, const uint8_t *ax,
-              size_t astride, float *out, int ldo) {
+AI void tileK_acc(const int wtype, const int RW, const int RA, const uint8_t *w, size_t wrb, int nsb, const uint8_t *ax,
+                  size_t astride, __m512 acc[MAXW][MAXA]) {
   const int bs = k_bytes(wtype);
-  __m512 acc[MAXW][MAXA];
   UNROLL for (int i = 0; i < RW; i++) UNROLL for (int r = 0; r < RA; r++) acc[i][r] = _mm512_setzero_ps();
   const uint8_t *wp[MAXW];
   for (int s = 0; s < nsb; s++) {
     UNROLL for (int i = 0; i < RW; i++) wp[i] = w + (size_t)i * wrb + (size_t)s * bs;
     bodyK(wtype, RW, RA, wp, ax + (size_t)s * K_STRIDE, astride, acc);
   }
+}
+
+AI void tileK(const int wtype, const int RW, const int RA, const uint8_t *w, size_t wrb, int nsb, const uint8_t *ax,
+              size_t astride, float *out, int ldo) {
+  __m512 acc[MAXW][MAXA];
+  tileK_acc(wtype, RW, RA, w, wrb, nsb, ax, astride, acc);
   UNROLL for (int i = 0; i < RW; i++) UNROLL for (int r = 0; r < RA; r++) out[(size_t)r * ldo + i] = hsum512(acc[i][r]);
 }
 
@@ -588,7 +600,77 @@ static int gemmK(int wtype, int n, const uint8_t *w, size_t wrb, const uint8_t *
                : wtype == MOE_Q4_K ? tile_q4_K
                : wtype == MOE_Q5_K ? tile_q5_K
                                    : tile_q6_K;
+  if (R <= 2) return gemv(wtype, R, w, wrb, nsb, ax, astride, j0, j1, out, ldo);
   run_tiles(fn, MAXW, w, wrb, nsb, ax, astride, R, j0, j1, out, ldo);
+  return 1;
+}
+
+// ================================================================================================================
+// Decode: matrix-vector products (1 or 2 activation rows)
+// ================================================================================================================
+//
+// Weight rows one at a time (one sequential stream: it reads from DRAM markedly faster than several rows side by
+// side, measured q8_0 28 vs 11 GB/s, q6_K 32 vs 15 GB/s on one Zen 5 core), each row's
+// accumulators kept and reduced 16 rows at a time (hsum_avx512.h), so that the reduction's chain of shuffles is not
+// paid per row. The sums are the tiles' own (tile32_acc / tileK_acc with one weight row, then the same pairwise
+// lane tree), so a row's value does not depend on which path computed it. On the bench model (2 threads, decode,
+// A/B in one process): q8_0 1.09x, q4_0 1.01x.
+AI void gemv_rows(const int wtype, const int RA, const uint8_t *w, size_t wrb, int nb, const uint8_t *ax,
+                  size_t astride, int j0, int j1, float *out, int ldo) {
+  const int k = wtype == MOE_Q2_K || wtype == MOE_Q3_K || wtype == MOE_Q4_K || wtype == MOE_Q5_K || wtype == MOE_Q6_K;
+  for (int j = j0; j < j1; j += 16) {
+    const int cnt = j1 - j < 16 ? j1 - j : 16;
+    __m512 sums[2][16];
+    for (int i = 0; i < cnt; i++) {
+      __m512 acc[MAXW][MAXA];
+      if (k) tileK_acc(wtype, 1, RA, w + (size_t)(j + i) * wrb, wrb, nb, ax, astride, acc);
+      else tile32_acc(wtype, 1, RA, w + (size_t)(j + i) * wrb, wrb, nb, ax, astride, acc);
+      UNROLL for (int r = 0; r < RA; r++) sums[r][i] = acc[0][r];
+    }
+    UNROLL for (int r = 0; r < RA; r++) {
+      for (int i = cnt; i < 16; i++) sums[r][i] = _mm512_setzero_ps();
+      hsum16_many(sums[r], out + (size_t)r * ldo + j, cnt);
+    }
+  }
+}
+
+#define GEMV_FN(NAME, T)                                                                                            \
+  static void NAME(int RA, const uint8_t *w, size_t wrb, int nb, const uint8_t *ax, size_t astride, int j0, int j1, \
+                   float *out, int ldo) {                                                                           \
+    if (RA == 1) gemv_rows(T, 1, w, wrb, nb, ax, astride, j0, j1, out, ldo);                                        \
+    else gemv_rows(T, 2, w, wrb, nb, ax, astride, j0, j1, out, ldo);                                                \
+  }
+GEMV_FN(gemv_q4_0, MOE_Q4_0)
+GEMV_FN(gemv_q4_0_rp, MOE_Q4_0_RP)
+GEMV_FN(gemv_q4_1, MOE_Q4_1)
+GEMV_FN(gemv_q5_0, MOE_Q5_0)
+GEMV_FN(gemv_q5_1, MOE_Q5_1)
+GEMV_FN(gemv_q8_0, MOE_Q8_0)
+GEMV_FN(gemv_q2_K, MOE_Q2_K)
+GEMV_FN(gemv_q3_K, MOE_Q3_K)
+GEMV_FN(gemv_q4_K, MOE_Q4_K)
+GEMV_FN(gemv_q5_K, MOE_Q5_K)
+GEMV_FN(gemv_q6_K, MOE_Q6_K)
+
+/** Rows j0..j1 of out[R, :] for R = 1 or 2 (the weights' blocks nb and activation layout as gemm32 / gemmK set). */
+static int gemv(int wtype, int R, const uint8_t *w, size_t wrb, int nb, const uint8_t *ax, size_t astride, int j0,
+                int j1, float *out, int ldo) {
+  void (*fn)(int, const uint8_t *, size_t, int, const uint8_t *, size_t, int, int, float *, int);
+  switch (wtype) {
+    case MOE_Q4_0: fn = gemv_q4_0; break;
+    case MOE_Q4_0_RP: fn = gemv_q4_0_rp; break;
+    case MOE_Q4_1: fn = gemv_q4_1; break;
+    case MOE_Q5_0: fn = gemv_q5_0; break;
+    case MOE_Q5_1: fn = gemv_q5_1; break;
+    case MOE_Q8_0: fn = gemv_q8_0; break;
+    case MOE_Q2_K: fn = gemv_q2_K; break;
+    case MOE_Q3_K: fn = gemv_q3_K; break;
+    case MOE_Q4_K: fn = gemv_q4_K; break;
+    case MOE_Q5_K: fn = gemv_q5_K; break;
+    case MOE_Q6_K: fn = gemv_q6_K; break;
+    default: return 0;
+  }
+  fn(R, w, wrb, nb, ax, astride, j0, j1, out, ldo);
   return 1;
 }
 
