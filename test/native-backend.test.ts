@@ -28,7 +28,7 @@ import { RefBackend } from '../src/backend/ref.js';
 import { selectBackend } from '../src/backend/select.js';
 import type { AttentionShape } from '../src/backend/backend.js';
 import { dequantize, quantize, vecDotType } from '../src/tensor/quant.js';
-import { roundF16 } from '../src/tensor/f16.js';
+import { floatToHalf, roundF16 } from '../src/tensor/f16.js';
 import { dtypeInfo, type DType } from '../src/tensor/dtype.js';
 import { sliceFirst, type Tensor } from '../src/tensor/tensor.js';
 import { loadModel, type LoadedModel } from '../src/model/load.js';
@@ -388,23 +388,25 @@ test('attention (causal, GQA, sliding window, f16 KV) matches ref', { skip }, ()
     const cap = total + 3; // the cache may be longer than what is filled
     const q = randomArray(r, rows * nHeads * hd, 2);
     const k = randomArray(r, cap * nKvHeads * hd, 2), v = randomArray(r, cap * nKvHeads * hd, 3);
-    if (c.kvF16) for (let i = 0; i < k.length; i++) (k[i] = roundF16(k[i])), (v[i] = roundF16(v[i])); // as the model stores them
+    if (c.kvF16) for (let i = 0; i < k.length; i++) (k[i] = roundF16(k[i])), (v[i] = roundF16(v[i])); // the values an f16 cache holds
+    // The cache as the model keeps it: f16 bits when kvF16.
+    const kc = c.kvF16 ? Uint16Array.from(k, floatToHalf) : k, vc = c.kvF16 ? Uint16Array.from(v, floatToHalf) : v;
     const scale = Math.fround(1 / Math.sqrt(hd));
     const shape: AttentionShape = { nHeads, nKvHeads, headDim: hd, scale, slidingWindow: c.window, kvF16: c.kvF16 };
     const want = new Float32Array(rows * nHeads * hd);
-    ref.attention(want, q, rows, start, k, v, shape);
+    ref.attention(want, q, rows, start, kc, vc, shape);
     const { tight, loose } = attentionBounds(c, q, k, v, scale);
     const what = `attention ${JSON.stringify(c)}`;
     everyConfig(what, (be) => {
       const got = new Float32Array(rows * nHeads * hd).fill(NaN);
-      be.attention(got, q, rows, start, k, v, shape);
+      be.attention(got, q, rows, start, kc, vc, shape);
       within(what, got, want, (i) => (c.kvF16 ? loose[i] : tight[i]));
       return got;
     });
     if (c.kvF16) {
       // The f16 rounding of q and of the probabilities really happens: much closer to ref with it than without.
       const got = new Float32Array(rows * nHeads * hd);
-      new NativeBackend({ threads: 2 }).attention(got, q, rows, start, k, v, shape);
+      new NativeBackend({ threads: 2 }).attention(got, q, rows, start, kc, vc, shape);
       const plain = new Float32Array(rows * nHeads * hd);
       ref.attention(plain, q, rows, start, k, v, { ...shape, kvF16: false });
       let dF16 = 0, dF32 = 0;
@@ -414,10 +416,36 @@ test('attention (causal, GQA, sliding window, f16 KV) matches ref', { skip }, ()
   }
 });
 
-test('attention checks the cache length', { skip }, () => {
+test('attention checks the cache length and its type (f16 bits exactly when kvF16)', { skip }, () => {
   const be = new NativeBackend({ threads: 2 });
   const shape: AttentionShape = { nHeads: 2, nKvHeads: 1, headDim: 8, scale: 0.35, slidingWindow: null, kvF16: false };
   assert.throws(() => be.attention(new Float32Array(32), new Float32Array(32), 2, 3, new Float32Array(8 * 4), new Float32Array(8 * 5), shape), /kCache is too short/);
+  assert.throws(() => be.attention(new Float32Array(32), new Float32Array(32), 2, 3, new Uint16Array(8 * 5), new Uint16Array(8 * 5), shape), /must be Float32Arrays/);
+  for (const b of [be, ref]) {
+    assert.throws(() => b.attention(new Float32Array(32), new Float32Array(32), 2, 3, new Float32Array(8 * 5), new Float32Array(8 * 5), { ...shape, kvF16: true }), /f16 bits in Uint16Arrays/);
+  }
+});
+
+test('toF16 stores the f16 bits ref.ts (and ggml) give: ties to even, subnormals, overflow, Inf and NaN, any length', { skip }, () => {
+  const r = rng(31);
+  const special = [0, -0, 1, -1, 65504, 65520, 65519.99, 1e6, -1e6, 6e-8, 5.96e-8, 2.98e-8, 1e-10, Infinity, -Infinity, NaN, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 2 ** -14, 2 ** -15 * 3];
+  for (const n of [0, 1, 15, 16, 17, 100]) {
+    const src = Float32Array.from({ length: n }, (_, i) => (i < special.length ? special[i] : (r() - 0.5) * 10 ** Math.floor(r() * 12 - 6)));
+    const want = new Uint16Array(n), got = new Uint16Array(n + 1).fill(0xabcd);
+    ref.toF16(want, src);
+    for (const k of kernelSets()) {
+      const a = nativeCompute()!;
+      try {
+        assert.ok(a.setKernels(k));
+        new NativeBackend({ threads: 1 }).toF16(got.subarray(0, n), src);
+      } finally {
+        a.setKernels('auto');
+      }
+      assert.deepEqual(Array.from(got.subarray(0, n)), Array.from(want), `${k} kernels, ${n} values`);
+      assert.equal(got[n], 0xabcd, 'nothing written past the end');
+    }
+  }
+  assert.throws(() => new NativeBackend({ threads: 1 }).toF16(new Uint16Array(3), new Float32Array(4)), /dst is too short/);
 });
 
 // ---------------------------------------------------------------------------------------------------------------

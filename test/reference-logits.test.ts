@@ -105,6 +105,15 @@ test('micro f32 with an F16 KV cache matches llama.cpp run with its default F16 
   // The f16 rounding is really applied: our F32-KV logits are clearly farther from this reference.
   const f32kv = stats(forwardAll(m, ref.tokens, false), ref.logits, 512);
   assert.ok(f32kv.mean > 3 * f16kv.mean, `F16-KV mean diff ${f16kv.mean} vs F32-KV ${f32kv.mean}`);
+  // It is stored as f16, as llama.cpp's is: half the bytes of the F32 cache.
+  const kv = (kvF16: boolean): number => {
+    const s = m.newSession({ contextLength: ref.tokens.length, kvF16 });
+    s.forward(ref.tokens);
+    const c = s.cache(0, ref.tokens.length);
+    return c.k.byteLength + c.v.byteLength;
+  };
+  assert.equal(kv(true) * 2, kv(false));
+  assert.ok(m.newSession({ kvF16: true }).cache(0, 1).k instanceof Uint16Array);
 });
 
 test('micro f16 matches llama.cpp (activations rounded to f16 before f16 matmuls)', () => {

@@ -79,7 +79,9 @@ static void *typed(args_t *a, size_t i, napi_typedarray_type want, const char *w
   size_t n = 0;
   if (is) napi_get_typedarray_info(a->env, a->argv[i], &t, &n, &data, NULL, NULL);
   if (!is || t != want) {
-    fail(a, 0, "%s has the wrong type", what);
+    const char *name = want == napi_float32_array ? "a Float32Array" : want == napi_int32_array ? "an Int32Array"
+                     : want == napi_uint16_array ? "a Uint16Array" : "another typed array";
+    fail(a, 0, "%s has the wrong type (want %s)", what, name);
     return NULL;
   }
   *len = n;
@@ -377,15 +379,17 @@ static napi_value js_rmsnorm(napi_env env, napi_callback_info info) {
   return undef(env);
 }
 
-// roundF16(x: Float32Array): x[i] = f16(x[i]) in place (round to nearest even, as an f16 KV cache stores values)
-static napi_value js_round_f16(napi_env env, napi_callback_info info) {
+// toF16(dst: Uint16Array, src: Float32Array): dst[i] = the f16 bits of src[i] (round to nearest even, as an f16 KV
+// cache stores keys and values); dst must hold src.length values.
+static napi_value js_to_f16(napi_env env, napi_callback_info info) {
   args_t a;
-  if (!get_args(&a, env, info, "roundF16", 1)) return NULL;
-  size_t n = 0;
-  float *x = typed(&a, 0, napi_float32_array, "x", &n);
+  if (!get_args(&a, env, info, "toF16", 2)) return NULL;
+  size_t nd = 0, ns = 0;
+  uint16_t *dst = typed(&a, 0, napi_uint16_array, "dst", &nd);
+  const float *src = typed(&a, 1, napi_float32_array, "src", &ns);
   if (a.failed) return NULL;
-  if (n > DIM_MAX) { fail(&a, 1, "x has %zu elements", n); return NULL; }
-  moe_fk()->round_act(MOE_F16, x, x, (int)n);
+  if (!need(&a, "dst", nd, (long long)ns)) return NULL;
+  moe_fk()->to_f16(src, dst, ns);
   return undef(env);
 }
 
@@ -407,21 +411,23 @@ static napi_value js_rope(napi_env env, napi_callback_info info) {
 }
 
 // attention(out, q, rows, start, kCache, vCache, nHeads, nKvHeads, headDim, scale, window (0 = none), kvF16)
+// kCache / vCache: Float32Array, or the f16 bits in a Uint16Array when kvF16.
 static napi_value js_attention(napi_env env, napi_callback_info info) {
   args_t a;
   if (!get_args(&a, env, info, "attention", 12)) return NULL;
+  bool kvF16 = false;
+  if (napi_get_value_bool(env, a.argv[11], &kvF16) != napi_ok) { fail(&a, 0, "kvF16 must be a boolean"); return NULL; }
   size_t no = 0, nq = 0, nk = 0, nv = 0;
   float *out = typed(&a, 0, napi_float32_array, "out", &no);
   const float *q = typed(&a, 1, napi_float32_array, "q", &nq);
   long long rows = integer(&a, 2, "rows", 0, DIM_MAX), start = integer(&a, 3, "start", 0, DIM_MAX);
-  const float *k = typed(&a, 4, napi_float32_array, "kCache", &nk);
-  const float *v = typed(&a, 5, napi_float32_array, "vCache", &nv);
+  const napi_typedarray_type kvType = kvF16 ? napi_uint16_array : napi_float32_array;
+  const void *k = typed(&a, 4, kvType, "kCache", &nk);
+  const void *v = typed(&a, 5, kvType, "vCache", &nv);
   long long nH = integer(&a, 6, "nHeads", 1, 1 << 20), nKv = integer(&a, 7, "nKvHeads", 1, 1 << 20);
   long long hd = integer(&a, 8, "headDim", 1, 1 << 20);
   double scale = number(&a, 9, "scale");
   long long window = integer(&a, 10, "window", 0, DIM_MAX);
-  bool kvF16 = false;
-  if (!a.failed && napi_get_value_bool(env, a.argv[11], &kvF16) != napi_ok) fail(&a, 0, "kvF16 must be a boolean");
   if (a.failed) return NULL;
   if (nH % nKv) { fail(&a, 1, "nHeads %lld is not a multiple of nKvHeads %lld", nH, nKv); return NULL; }
   if (start + rows > DIM_MAX) { fail(&a, 1, "start + rows = %lld is too large", start + rows); return NULL; }
@@ -599,7 +605,7 @@ static napi_value js_info(napi_env env, napi_callback_info info) {
 
 NAPI_MODULE_INIT() {
   struct { const char *name; napi_callback cb; } fns[] = {
-      {"matmul", js_matmul}, {"matmulMany", js_matmul_many}, {"rmsNorm", js_rmsnorm}, {"roundF16", js_round_f16}, {"rope", js_rope}, {"attention", js_attention},
+      {"matmul", js_matmul}, {"matmulMany", js_matmul_many}, {"rmsNorm", js_rmsnorm}, {"toF16", js_to_f16}, {"rope", js_rope}, {"attention", js_attention},
       {"moeFFN", js_moe}, {"setThreads", js_set_threads}, {"setKernels", js_set_kernels}, {"setMoeChunk", js_set_moe_chunk},
       {"supports", js_supports}, {"info", js_info}, {"mmap", moe_napi_mmap}, {"repack", js_repack},
       {"transpose", js_transpose}, {"softmaxRows", js_softmax_rows}, {"trainAttention", js_train_attention},

@@ -176,24 +176,47 @@ void moe_silu_mul_generic(float *g, const float *u, int n) {
 }
 
 // Attention scores and weighted sums for kernel sets without their own: the set in use's dot() and axpy() per key and
-// head (the kernel set is chosen before any attention runs, so moe_fk() is the set these entries belong to).
-void moe_scores_generic(const float *q, int G, int hd, const float *k, size_t kstride, int L, float scale, float *sc,
-                        size_t ldsc) {
-  const moe_fkern *K = moe_fk();
-  for (int j = 0; j < L; j++)
-    for (int g = 0; g < G; g++) sc[(size_t)g * ldsc + j] = K->dot(q + (size_t)g * hd, k + (size_t)j * kstride, hd) * scale;
+// head (the kernel set is chosen before any attention runs, so moe_fk() is the set these entries belong to). An f16
+// key or value row is converted first (exactly: every f16 is an f32).
+static const float *kv_row(const void *base, int f16, size_t at, int n, float *tmp) {
+  if (!f16) return (const float *)base + at;
+  const uint16_t *h = (const uint16_t *)base + at;
+  for (int i = 0; i < n; i++) tmp[i] = moe_f16_to_f32(h[i]);
+  return tmp;
 }
 
-void moe_weighted_sum_generic(const float *p, size_t ldp, int G, int hd, const float *v, size_t vstride, int L,
+void moe_scores_generic(const float *q, int G, int hd, const void *k, int kf16, size_t kstride, int L, float scale,
+                        float *sc, size_t ldsc) {
+  const moe_fkern *K = moe_fk();
+  float *tmp = kf16 ? malloc((size_t)hd * sizeof(float)) : NULL;
+  if (kf16 && !tmp) abort();
+  for (int j = 0; j < L; j++) {
+    const float *kj = kv_row(k, kf16, (size_t)j * kstride, hd, tmp);
+    for (int g = 0; g < G; g++) sc[(size_t)g * ldsc + j] = K->dot(q + (size_t)g * hd, kj, hd) * scale;
+  }
+  free(tmp);
+}
+
+void moe_weighted_sum_generic(const float *p, size_t ldp, int G, int hd, const void *v, int vf16, size_t vstride, int L,
                               float *out) {
   const moe_fkern *K = moe_fk();
+  float *tmp = vf16 ? malloc((size_t)hd * sizeof(float)) : NULL;
+  if (vf16 && !tmp) abort();
   memset(out, 0, (size_t)G * hd * sizeof(float));
-  for (int j = 0; j < L; j++)
-    for (int g = 0; g < G; g++) K->axpy(out + (size_t)g * hd, p[(size_t)g * ldp + j], v + (size_t)j * vstride, hd);
+  for (int j = 0; j < L; j++) {
+    const float *vj = kv_row(v, vf16, (size_t)j * vstride, hd, tmp);
+    for (int g = 0; g < G; g++) K->axpy(out + (size_t)g * hd, p[(size_t)g * ldp + j], vj, hd);
+  }
+  free(tmp);
+}
+
+void moe_to_f16_generic(const float *x, uint16_t *out, size_t n) {
+  for (size_t i = 0; i < n; i++) out[i] = moe_f32_to_f16(x[i]);
 }
 
 const moe_fkern moe_fkern_generic = {"generic", g_tile, g_round_act, g_dot, g_axpy, g_sumsq, moe_softmax_row_generic,
-                                     moe_silu_mul_generic, moe_scores_generic, moe_weighted_sum_generic};
+                                     moe_silu_mul_generic, moe_scores_generic, moe_weighted_sum_generic,
+                                     moe_to_f16_generic};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Dispatch
@@ -509,7 +532,8 @@ void moe_rope(float *x, int rows, int nHeads, int headDim, const int32_t *positi
 // ---------------------------------------------------------------------------------------------------------------
 typedef struct {
   float *out;
-  const float *q, *k, *v;
+  const float *q;
+  const void *k, *v; // f32, or f16 bits when kvF16
   int rows, start, nH, nKv, hd, window, kvF16;
   float scale;
 } att_t;
@@ -530,15 +554,16 @@ static void att_range(void *p, int t0, int t1) {
       if (c->kvF16) K->round_act(MOE_F16, src, qh + (size_t)g * hd, hd);
       else memcpy(qh + (size_t)g * hd, src, (size_t)hd * 4);
     }
-    const float *k0 = c->k + (size_t)jMin * kvStride + (size_t)kvh * hd, *v0 = c->v + (size_t)jMin * kvStride + (size_t)kvh * hd;
+    const size_t at = (size_t)jMin * kvStride + (size_t)kvh * hd, es = c->kvF16 ? 2 : 4;
+    const void *k0 = (const char *)c->k + at * es, *v0 = (const char *)c->v + at * es;
     float *og = c->out + (size_t)r * c->nH * hd + (size_t)kvh * G * hd; // the group's heads are adjacent
-    K->scores(qh, G, hd, k0, kvStride, L, c->scale, sc, (size_t)L);
+    K->scores(qh, G, hd, k0, c->kvF16, kvStride, L, c->scale, sc, (size_t)L);
     for (int g = 0; g < G; g++) K->softmax_row(sc + (size_t)g * L, L, c->kvF16);
-    K->weighted_sum(sc, (size_t)L, G, hd, v0, kvStride, L, og);
+    K->weighted_sum(sc, (size_t)L, G, hd, v0, c->kvF16, kvStride, L, og);
   }
 }
 
-void moe_attention(float *out, const float *q, int rows, int start, const float *k, const float *v, int nHeads,
+void moe_attention(float *out, const float *q, int rows, int start, const void *k, const void *v, int nHeads,
                    int nKvHeads, int headDim, float scale, int window, int kvF16) {
   att_t c = {out, q, k, v, rows, start, nHeads, nKvHeads, headDim, window, kvF16, scale};
   double avg_len = start + rows / 2.0 + 1;

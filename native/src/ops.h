@@ -35,24 +35,29 @@ typedef struct {
   /** g[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u. */
   void (*silu_mul)(float *g, const float *u, int n);
   /**
-   * Attention scores of G query heads (q: G rows of hd) against L keys (row j at k + j * kstride):
-   * sc[g * ldsc + j] = dot(q_g, k_j) * scale, with dot's arithmetic.
+   * Attention scores of G query heads (q: G rows of hd) against L keys (row j at k + j * kstride elements; f32, or
+   * f16 bits when kf16): sc[g * ldsc + j] = dot(q_g, k_j) * scale, with dot's arithmetic on the keys' f32 values.
    */
-  void (*scores)(const float *q, int G, int hd, const float *k, size_t kstride, int L, float scale, float *sc, size_t ldsc);
+  void (*scores)(const float *q, int G, int hd, const void *k, int kf16, size_t kstride, int L, float scale, float *sc,
+                 size_t ldsc);
   /**
-   * out[g * hd + d] = sum over j = 0..L-1 in order of p[g * ldp + j] * v[j * vstride + d], with axpy's arithmetic
-   * from zero (out is overwritten).
+   * out[g * hd + d] = sum over j = 0..L-1 in order of p[g * ldp + j] * v[j * vstride + d] (f32, or f16 bits when
+   * vf16), with axpy's arithmetic from zero (out is overwritten).
    */
-  void (*weighted_sum)(const float *p, size_t ldp, int G, int hd, const float *v, size_t vstride, int L, float *out);
+  void (*weighted_sum)(const float *p, size_t ldp, int G, int hd, const void *v, int vf16, size_t vstride, int L,
+                       float *out);
+  /** out[i] = the f16 bits of x[i] (round to nearest even): how an f16 KV cache stores a key or value. */
+  void (*to_f16)(const float *x, uint16_t *out, size_t n);
 } moe_fkern;
 
 /** The plain C versions (ops.c), also used by kernel sets that have no vector version of their own. */
 double moe_softmax_row_generic(float *s, int n, int round_f16);
 void moe_silu_mul_generic(float *g, const float *u, int n);
-void moe_scores_generic(const float *q, int G, int hd, const float *k, size_t kstride, int L, float scale, float *sc,
-                        size_t ldsc);
-void moe_weighted_sum_generic(const float *p, size_t ldp, int G, int hd, const float *v, size_t vstride, int L,
+void moe_scores_generic(const float *q, int G, int hd, const void *k, int kf16, size_t kstride, int L, float scale,
+                        float *sc, size_t ldsc);
+void moe_weighted_sum_generic(const float *p, size_t ldp, int G, int hd, const void *v, int vf16, size_t vstride, int L,
                               float *out);
+void moe_to_f16_generic(const float *x, uint16_t *out, size_t n);
 
 extern const moe_fkern moe_fkern_generic;
 #if defined(MOE_HAVE_X86_KERNELS)
@@ -85,7 +90,8 @@ int moe_matmul_many(int count, float *const *outs, const float *x, int rows, con
                     const int *outDims, int inDim);
 void moe_rmsnorm(float *out, const float *x, int rows, const float *weight, int dim, double eps);
 void moe_rope(float *x, int rows, int nHeads, int headDim, const int32_t *positions, double theta);
-void moe_attention(float *out, const float *q, int rows, int start, const float *k, const float *v, int nHeads,
+/** k, v: the KV cache, f32 or (kvF16) f16 bits; kvF16 also rounds q and the probabilities to f16 as llama.cpp does. */
+void moe_attention(float *out, const float *q, int rows, int start, const void *k, const void *v, int nHeads,
                    int nKvHeads, int headDim, float scale, int window, int kvF16);
 /** Returns 0, -1 for an unsupported type, -2 for an expert id out of range (nothing written then). */
 int moe_moe_ffn(float *out, const float *x, int rows, const int32_t *experts, const float *weights, int k,

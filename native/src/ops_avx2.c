@@ -157,8 +157,15 @@ static double sumsq(const float *x, int n) {
   return r;
 }
 
+static void to_f16(const float *x, uint16_t *out, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128((__m128i *)(out + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  moe_to_f16_generic(x + i, out + i, n - i);
+}
+
 const moe_fkern moe_fkern_avx2 = {"avx2", tile, round_act, dot, axpy, sumsq, moe_softmax_row_generic, moe_silu_mul_generic,
-                                  moe_scores_generic, moe_weighted_sum_generic};
+                                  moe_scores_generic, moe_weighted_sum_generic, to_f16};
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif

@@ -234,17 +234,28 @@ static void silu_mul(float *g, const float *u, int n) {
 // Attention over a KV cache: the GQA group's query heads (up to 4 at a time) share each key's and value's loads, and
 // the loops stay inside one function instead of a dot() / axpy() call per key and head. The arithmetic is dot()'s
 // and axpy()'s exactly (same products, same accumulation order, same final reduction), so results do not change.
+// Keys and values are f32 or f16 bits (H = 1: converted as loaded, exactly).
 #define ATT_MAXG 4
 
-static inline __attribute__((always_inline)) void scores_g(const int GN, const float *q, int hd, const float *k,
-                                                           size_t kstride, int L, float scale, float *sc, size_t ldsc) {
+static inline __attribute__((always_inline)) __m512 load_kv(const int H, const void *p, size_t i) {
+  if (H) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+  return _mm512_loadu_ps((const float *)p + i);
+}
+static inline __attribute__((always_inline)) __m512 load_kv_mask(const int H, __mmask16 m, const void *p, size_t i) {
+  if (H) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
+  return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+}
+
+static inline __attribute__((always_inline)) void scores_g(const int GN, const int H, const float *q, int hd,
+                                                           const void *k, size_t kstride, int L, float scale, float *sc,
+                                                           size_t ldsc) {
   for (int j = 0; j < L; j++) {
-    const float *kj = k + (size_t)j * kstride;
+    const size_t kj = (size_t)j * kstride;
     __m512 s0[ATT_MAXG], s1[ATT_MAXG];
     for (int g = 0; g < GN; g++) s0[g] = s1[g] = _mm512_setzero_ps();
     int i = 0;
     for (; i + 32 <= hd; i += 32) {
-      const __m512 k0 = _mm512_loadu_ps(kj + i), k1 = _mm512_loadu_ps(kj + i + 16);
+      const __m512 k0 = load_kv(H, k, kj + i), k1 = load_kv(H, k, kj + i + 16);
       for (int g = 0; g < GN; g++) {
         s0[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (size_t)g * hd + i), k0, s0[g]);
         s1[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (size_t)g * hd + i + 16), k1, s1[g]);
@@ -252,37 +263,42 @@ static inline __attribute__((always_inline)) void scores_g(const int GN, const f
     }
     for (; i < hd; i += 16) {
       const __mmask16 m = tailmask(hd - i);
-      const __m512 k0 = _mm512_maskz_loadu_ps(m, kj + i);
+      const __m512 k0 = load_kv_mask(H, m, k, kj + i);
       for (int g = 0; g < GN; g++) s0[g] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + (size_t)g * hd + i), k0, s0[g]);
     }
     for (int g = 0; g < GN; g++) sc[(size_t)g * ldsc + j] = _mm512_reduce_add_ps(_mm512_add_ps(s0[g], s1[g])) * scale;
   }
 }
 
-static void scores(const float *q, int G, int hd, const float *k, size_t kstride, int L, float scale, float *sc, size_t ldsc) {
+#define ATT_DISPATCH(FN, G, ...)                                   \
+  switch (G) {                                                     \
+    case 1: H ? FN(1, 1, __VA_ARGS__) : FN(1, 0, __VA_ARGS__); break; \
+    case 2: H ? FN(2, 1, __VA_ARGS__) : FN(2, 0, __VA_ARGS__); break; \
+    case 3: H ? FN(3, 1, __VA_ARGS__) : FN(3, 0, __VA_ARGS__); break; \
+    default: H ? FN(4, 1, __VA_ARGS__) : FN(4, 0, __VA_ARGS__); break; \
+  }
+
+static void scores(const float *q, int G, int hd, const void *k, int H, size_t kstride, int L, float scale, float *sc,
+                   size_t ldsc) {
   for (int g0 = 0; g0 < G; g0 += ATT_MAXG) {
     const float *qg = q + (size_t)g0 * hd;
     float *sg = sc + (size_t)g0 * ldsc;
-    switch (G - g0 < ATT_MAXG ? G - g0 : ATT_MAXG) {
-      case 1: scores_g(1, qg, hd, k, kstride, L, scale, sg, ldsc); break;
-      case 2: scores_g(2, qg, hd, k, kstride, L, scale, sg, ldsc); break;
-      case 3: scores_g(3, qg, hd, k, kstride, L, scale, sg, ldsc); break;
-      default: scores_g(4, qg, hd, k, kstride, L, scale, sg, ldsc); break;
-    }
+    ATT_DISPATCH(scores_g, G - g0 < ATT_MAXG ? G - g0 : ATT_MAXG, qg, hd, k, kstride, L, scale, sg, ldsc)
   }
 }
 
-static inline __attribute__((always_inline)) void weighted_sum_g(const int GN, const float *p, size_t ldp, int hd,
-                                                                 const float *v, size_t vstride, int L, float *out) {
+static inline __attribute__((always_inline)) void weighted_sum_g(const int GN, const int H, const float *p, size_t ldp,
+                                                                 int hd, const void *v, size_t vstride, int L,
+                                                                 float *out) {
   for (int d0 = 0; d0 < hd; d0 += 64) { // 64 columns x up to 4 heads: 16 accumulators in registers
     __mmask16 m[4];
     for (int c = 0; c < 4; c++) m[c] = d0 + 16 * c < hd ? tailmask(hd - d0 - 16 * c) : 0;
     __m512 acc[ATT_MAXG][4];
     for (int g = 0; g < GN; g++) for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
     for (int j = 0; j < L; j++) {
-      const float *vj = v + (size_t)j * vstride + d0;
+      const size_t vj = (size_t)j * vstride + d0;
       __m512 vv[4];
-      for (int c = 0; c < 4; c++) vv[c] = _mm512_maskz_loadu_ps(m[c], vj + 16 * c);
+      for (int c = 0; c < 4; c++) vv[c] = load_kv_mask(H, m[c], v, vj + 16 * c);
       for (int g = 0; g < GN; g++) {
         const __m512 pj = _mm512_set1_ps(p[(size_t)g * ldp + j]);
         for (int c = 0; c < 4; c++) acc[g][c] = _mm512_fmadd_ps(pj, vv[c], acc[g][c]);
@@ -293,20 +309,25 @@ static inline __attribute__((always_inline)) void weighted_sum_g(const int GN, c
   }
 }
 
-static void weighted_sum(const float *p, size_t ldp, int G, int hd, const float *v, size_t vstride, int L, float *out) {
+static void weighted_sum(const float *p, size_t ldp, int G, int hd, const void *v, int H, size_t vstride, int L,
+                         float *out) {
   for (int g0 = 0; g0 < G; g0 += ATT_MAXG) {
     const float *pg = p + (size_t)g0 * ldp;
     float *og = out + (size_t)g0 * hd;
-    switch (G - g0 < ATT_MAXG ? G - g0 : ATT_MAXG) {
-      case 1: weighted_sum_g(1, pg, ldp, hd, v, vstride, L, og); break;
-      case 2: weighted_sum_g(2, pg, ldp, hd, v, vstride, L, og); break;
-      case 3: weighted_sum_g(3, pg, ldp, hd, v, vstride, L, og); break;
-      default: weighted_sum_g(4, pg, ldp, hd, v, vstride, L, og); break;
-    }
+    ATT_DISPATCH(weighted_sum_g, G - g0 < ATT_MAXG ? G - g0 : ATT_MAXG, pg, ldp, hd, v, vstride, L, og)
   }
 }
 
-const moe_fkern moe_fkern_avx512 = {"avx512", tile, round_act, dot, axpy, sumsq, softmax_row, silu_mul, scores, weighted_sum};
+static void to_f16(const float *x, uint16_t *out, size_t n) {
+  size_t i = 0;
+  for (; i < n; i += 16) {
+    const __mmask16 m = tailmask(n - i > 16 ? 16 : (int)(n - i));
+    _mm256_mask_storeu_epi16(out + i, m, _mm512_cvtps_ph(_mm512_maskz_loadu_ps(m, x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+const moe_fkern moe_fkern_avx512 = {"avx512", tile, round_act, dot, axpy, sumsq, softmax_row, silu_mul, scores, weighted_sum,
+                                    to_f16};
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif

@@ -24,8 +24,8 @@ export interface Backend {
    */
   prepareWeights(ws: readonly Tensor[]): void;
 
-  /** x[i] = x[i] rounded to f16 (nearest even) and back, in place: what an f16 KV cache keeps of a key or value. */
-  roundF16(x: Float32Array): void;
+  /** dst[i] = the f16 bits of src[i] (round to nearest even, as ggml): how an f16 KV cache stores a key or value. */
+  toF16(dst: Uint16Array, src: Float32Array): void;
 
   /** out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, for `rows` rows of weight.length. */
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void;
@@ -39,16 +39,16 @@ export interface Backend {
   /**
    * Causal grouped-query attention of `rows` new queries (at positions start..start+rows-1) over the cache, which
    * already holds the keys/values of positions 0..start+rows-1. q: [rows, nHeads*hd]; kCache/vCache:
-   * [capacity, nKvHeads*hd]; out: [rows, nHeads*hd]. Key j is visible from query i iff j <= i and (no window or
-   * i - j < window).
+   * [capacity, nKvHeads*hd], f32 or, when shape.kvF16, f16 bits; out: [rows, nHeads*hd]. Key j is visible from
+   * query i iff j <= i and (no window or i - j < window).
    */
   attention(
     out: Float32Array,
     q: Float32Array,
     rows: number,
     start: number,
-    kCache: Float32Array,
-    vCache: Float32Array,
+    kCache: KvCache,
+    vCache: KvCache,
     shape: AttentionShape,
   ): void;
 
@@ -71,12 +71,23 @@ export interface Backend {
   ): void;
 }
 
+/** A layer's keys or values: f32, or the f16 bits of each value (llama.cpp's default cache type, half the memory). */
+export type KvCache = Float32Array | Uint16Array;
+
+/** Throws unless both caches hold what kvF16 says (f16 bits in a Uint16Array, else f32). */
+export function checkKvCache(k: KvCache, v: KvCache, kvF16: boolean): void {
+  const want = kvF16 ? Uint16Array : Float32Array;
+  if (!(k instanceof want) || !(v instanceof want)) {
+    throw new Error(`attention: the KV cache must be ${kvF16 ? 'f16 bits in Uint16Arrays (kvF16)' : 'Float32Arrays'}, got ${k.constructor.name} and ${v.constructor.name}`);
+  }
+}
+
 export interface AttentionShape {
   nHeads: number;
   nKvHeads: number;
   headDim: number;
   scale: number; // 1/sqrt(headDim)
   slidingWindow: number | null;
-  /** Round q and the softmax probabilities to f16 as llama.cpp does with an f16 KV cache. */
+  /** The cache holds f16 bits (Uint16Array); q and the softmax probabilities are rounded to f16 as llama.cpp does. */
   kvF16: boolean;
 }

@@ -7,7 +7,7 @@
 // prepareWeights, repack below), which changes speed and resident pages, never results.
 
 import * as os from 'node:os';
-import type { AttentionShape, Backend } from './backend.js';
+import { checkKvCache, type AttentionShape, type Backend, type KvCache } from './backend.js';
 import { RefBackend } from './ref.js';
 import { nativeAddon, nativeAddonError } from './native-addon.js';
 import type { Tensor } from '../tensor/tensor.js';
@@ -33,10 +33,10 @@ interface ComputeAddon {
   /** Training: one AdamW update of f32 parameters p with gradient g and moments m, v (optimizer.ts). */
   adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, beta1: number, beta2: number, stepSize: number, bc2Sqrt: number, eps: number, decay: number): void;
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void;
-  /** x[i] = f16(x[i]) in place. */
-  roundF16(x: Float32Array): void;
+  /** dst[i] = the f16 bits of src[i]. */
+  toF16(dst: Uint16Array, src: Float32Array): void;
   rope(x: Float32Array, rows: number, nHeads: number, headDim: number, positions: Int32Array, theta: number): void;
-  attention(out: Float32Array, q: Float32Array, rows: number, start: number, k: Float32Array, v: Float32Array,
+  attention(out: Float32Array, q: Float32Array, rows: number, start: number, k: KvCache, v: KvCache,
     nHeads: number, nKvHeads: number, headDim: number, scale: number, window: number, kvF16: boolean): void;
   moeFFN(out: Float32Array, x: Float32Array, rows: number, experts: Int32Array, weights: Float32Array, k: number,
     gate: Uint8Array, gateType: number, up: Uint8Array, upType: number, down: Uint8Array, downType: number,
@@ -65,7 +65,7 @@ export interface NativeInfo {
   features: Record<string, number>;
 }
 
-const FUNCTIONS = ['matmul', 'matmulMany', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'crossEntropyBackward', 'adamw', 'rmsNorm', 'roundF16', 'rope', 'attention', 'moeFFN', 'repack', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
+const FUNCTIONS = ['matmul', 'matmulMany', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'crossEntropyBackward', 'adamw', 'rmsNorm', 'toF16', 'rope', 'attention', 'moeFFN', 'repack', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
 
 let compute: ComputeAddon | null | undefined;
 let computeError: string | null = null;
@@ -217,8 +217,8 @@ export class NativeBackend implements Backend {
     progress?.finish();
   }
 
-  roundF16(x: Float32Array): void {
-    this.addon.roundF16(x);
+  toF16(dst: Uint16Array, src: Float32Array): void {
+    this.addon.toF16(dst, src);
   }
 
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void {
@@ -233,8 +233,9 @@ export class NativeBackend implements Backend {
     this.addon.rope(x, rows, nHeads, headDim, positions, theta);
   }
 
-  attention(out: Float32Array, q: Float32Array, rows: number, start: number, kCache: Float32Array, vCache: Float32Array, s: AttentionShape): void {
+  attention(out: Float32Array, q: Float32Array, rows: number, start: number, kCache: KvCache, vCache: KvCache, s: AttentionShape): void {
     if (rows === 0) return;
+    checkKvCache(kCache, vCache, s.kvF16);
     if (s.slidingWindow !== null && !(Number.isInteger(s.slidingWindow) && s.slidingWindow > 0)) {
       throw new Error(`attention: sliding window must be a positive integer or null, got ${s.slidingWindow}`);
     }

@@ -1,8 +1,8 @@
-import type { AttentionShape, Backend } from './backend.js';
+import { checkKvCache, type AttentionShape, type Backend, type KvCache } from './backend.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { sliceFirst } from '../tensor/tensor.js';
 import { dotRow, prepareActivation } from '../tensor/quant.js';
-import { roundF16 } from '../tensor/f16.js';
+import { floatToHalf, halfTableF32, roundF16 } from '../tensor/f16.js';
 
 const fr = Math.fround;
 
@@ -36,8 +36,9 @@ export class RefBackend implements Backend {
     // dotRow reads every weight type where it lies: nothing to ready.
   }
 
-  roundF16(x: Float32Array): void {
-    for (let i = 0; i < x.length; i++) x[i] = roundF16(x[i]);
+  toF16(dst: Uint16Array, src: Float32Array): void {
+    if (dst.length < src.length) throw new Error(`toF16: dst holds ${dst.length} values, need ${src.length}`);
+    for (let i = 0; i < src.length; i++) dst[i] = floatToHalf(src[i]);
   }
 
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void {
@@ -75,8 +76,12 @@ export class RefBackend implements Backend {
     }
   }
 
-  attention(out: Float32Array, q: Float32Array, rows: number, start: number, kCache: Float32Array, vCache: Float32Array, s: AttentionShape): void {
+  attention(out: Float32Array, q: Float32Array, rows: number, start: number, kCache: KvCache, vCache: KvCache, s: AttentionShape): void {
     const { nHeads, nKvHeads, headDim: hd, scale, slidingWindow, kvF16 } = s;
+    checkKvCache(kCache, vCache, kvF16);
+    // f16 caches are read through the 65536-entry table (exact: every f16 is an f32).
+    const kv = (c: KvCache): Float32Array | null => (c instanceof Uint16Array ? halfTableF32() : null);
+    const kt = kv(kCache), vt = kv(vCache);
     const group = nHeads / nKvHeads;
     const kvStride = nKvHeads * hd;
     const total = start + rows;
@@ -93,7 +98,8 @@ export class RefBackend implements Backend {
         for (let j = jMin; j <= i; j++) {
           const kOff = j * kvStride + kvh * hd;
           let dot = 0;
-          for (let d = 0; d < hd; d++) dot += qh[d] * kCache[kOff + d];
+          if (kt) for (let d = 0; d < hd; d++) dot += qh[d] * kt[kCache[kOff + d]];
+          else for (let d = 0; d < hd; d++) dot += qh[d] * kCache[kOff + d];
           const v = fr(fr(dot) * scale);
           scores[j] = v;
           if (v > max) max = v;
@@ -111,7 +117,8 @@ export class RefBackend implements Backend {
           let p = fr(scores[j] * inv);
           if (kvF16) p = roundF16(p);
           const vOff = j * kvStride + kvh * hd;
-          for (let d = 0; d < hd; d++) out[oOff + d] += p * vCache[vOff + d];
+          if (vt) for (let d = 0; d < hd; d++) out[oOff + d] += p * vt[vCache[vOff + d]];
+          else for (let d = 0; d < hd; d++) out[oOff + d] += p * vCache[vOff + d];
         }
       }
     }

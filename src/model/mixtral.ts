@@ -2,7 +2,7 @@
 // as MLX-LM and transformers name them; tensors keep their file dtype. q/k rows are in GGUF (ggml) RoPE order: the
 // loader permutes Hugging Face checkpoints on the way in, so one RoPE convention serves both formats.
 
-import type { Backend } from '../backend/backend.js';
+import type { Backend, KvCache } from '../backend/backend.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { dequantizeRow } from '../tensor/quant.js';
 import type { MixtralConfig } from './config.js';
@@ -44,20 +44,43 @@ export interface MixtralSessionOptions {
   kvF16?: boolean;
 }
 
-/** One layer's KV cache, grown on demand up to the context length (so a 32k context costs nothing until used). */
+/**
+ * One layer's KV cache, grown on demand up to the context length (so a 32k context costs nothing until used): f32,
+ * or f16 bits (llama.cpp's default cache type: half the memory, and what its logits are computed with).
+ */
 class LayerCache {
-  k = new Float32Array(0);
-  v = new Float32Array(0);
-  constructor(readonly rowSize: number) {}
+  k: KvCache;
+  v: KvCache;
+  constructor(
+    readonly rowSize: number,
+    readonly f16: boolean,
+  ) {
+    this.k = this.alloc(0);
+    this.v = this.alloc(0);
+  }
+  private alloc(n: number): KvCache {
+    return this.f16 ? new Uint16Array(n) : new Float32Array(n);
+  }
   ensure(rows: number): void {
     if (this.k.length >= rows * this.rowSize) return;
     const cap = Math.max(rows, 2 * (this.k.length / this.rowSize), 64);
-    const k = new Float32Array(cap * this.rowSize);
-    const v = new Float32Array(cap * this.rowSize);
+    const k = this.alloc(cap * this.rowSize);
+    const v = this.alloc(cap * this.rowSize);
     k.set(this.k);
     v.set(this.v);
     this.k = k;
     this.v = v;
+  }
+  /** Stores the keys and values of positions start.. (rows of rowSize), converted to the cache's type. */
+  store(be: Backend, start: number, kRows: Float32Array, vRows: Float32Array): void {
+    const at = start * this.rowSize;
+    if (this.k instanceof Uint16Array && this.v instanceof Uint16Array) {
+      be.toF16(this.k.subarray(at, at + kRows.length), kRows);
+      be.toF16(this.v.subarray(at, at + vRows.length), vRows);
+    } else {
+      this.k.set(kRows, at);
+      this.v.set(vRows, at);
+    }
   }
 }
 
@@ -159,7 +182,7 @@ export class MixtralSession implements InferenceSession {
     readonly kvF16: boolean,
   ) {
     const c = model.config;
-    this.caches = c.numHiddenLayers > 0 ? Array.from({ length: c.numHiddenLayers }, () => new LayerCache(c.numKeyValueHeads * c.headDim)) : [];
+    this.caches = Array.from({ length: c.numHiddenLayers }, () => new LayerCache(c.numKeyValueHeads * c.headDim, kvF16));
   }
 
   get position(): number {
@@ -262,14 +285,7 @@ export function forwardBatch(model: MixtralModel, items: readonly BatchItem[]): 
       const r0 = rowStart[b];
       const start = s.position;
       const cache = s.cache(l, start + m);
-      const kRows = kNew.subarray(r0 * kvDim, (r0 + m) * kvDim);
-      const vRows = vNew.subarray(r0 * kvDim, (r0 + m) * kvDim);
-      if (s.kvF16) {
-        be.roundF16(kRows);
-        be.roundF16(vRows);
-      }
-      cache.k.set(kRows, start * kvDim);
-      cache.v.set(vRows, start * kvDim);
+      cache.store(be, start, kNew.subarray(r0 * kvDim, (r0 + m) * kvDim), vNew.subarray(r0 * kvDim, (r0 + m) * kvDim));
       be.attention(attn.subarray(r0 * qDim, (r0 + m) * qDim), q.subarray(r0 * qDim, (r0 + m) * qDim), m, start, cache.k, cache.v, {
         nHeads: c.numAttentionHeads,
         nKvHeads: c.numKeyValueHeads,
