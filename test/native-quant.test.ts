@@ -15,6 +15,8 @@ import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import * as v8 from 'node:v8';
+import * as vm from 'node:vm';
 
 import { NativeBackend, nativeBackendAvailable, nativeCompute } from '../src/backend/native.js';
 import { nativeAddon } from '../src/backend/native-addon.js';
@@ -291,3 +293,40 @@ test(`a ${dtype} model gives the same logits with and without the engine's own c
   }
 });
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reading ahead (kernels.h moe_pool_prefetch): idle workers read the next job's weights while the caller works alone.
+// Only memory whose release the addon hears of is read, and releasing it first stops the reading.
+// ---------------------------------------------------------------------------------------------------------------
+
+test('prefetch reads only the engine\'s weight copies and model mappings; freeing a copy being read ahead is safe', { skip }, () => {
+  const a = nativeCompute()!;
+  new NativeBackend({ threads: 2 }); // workers to read ahead
+  assert.throws(() => a.prefetch([new Float32Array(4) as unknown as Uint8Array]), /ws\[0\] is not a Uint8Array/);
+  assert.throws(() => (a.prefetch as (x: unknown) => void)(new Uint8Array(4)), /ws must be an array/);
+  a.prefetch([new Uint8Array(1 << 20), new Uint8Array(0)]); // JavaScript memory: ignored (it could be freed unannounced)
+  a.prefetch([]);
+  // Copies posted, dropped and collected while the workers may still be reading them: the finalizer cancels first.
+  v8.setFlagsFromString('--expose-gc');
+  const gc = vm.runInNewContext('gc') as () => void;
+  const r = rng(90);
+  const n = 1024, rows = 2048; // 4 MB of f16: more than the gaps between the calls below let the workers read
+  const w = new Uint8Array(rows * n * 2);
+  for (let i = 0; i < w.length; i += 2) putU16(w, i, floatToHalf(r() - 0.5));
+  const x = Float32Array.from({ length: n }, () => r() - 0.5);
+  const want = new Float32Array(rows);
+  assert.ok(a.matmul(want, x, 1, w, 1, rows, n));
+  for (let i = 0; i < 12; i++) {
+    let copy: { data: Uint8Array; type: number } | null = a.repack(w, 1, rows, n, true);
+    assert.ok(copy);
+    a.prefetch([copy.data, copy.data.subarray(123, 4567)]);
+    if (i % 3 === 0) {
+      const got = new Float32Array(rows);
+      assert.ok(a.matmul(got, x, 1, copy.data, copy.type, rows, n));
+      assert.deepEqual(got, want, 'reading ahead changes no result');
+    }
+    copy = null;
+    gc();
+  }
+  gc();
+});

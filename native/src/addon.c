@@ -5,6 +5,7 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #ifndef _WIN32
@@ -477,8 +478,32 @@ static napi_value js_moe(napi_env env, napi_callback_info info) {
   return js_bool(env, rc == 0);
 }
 
+// The engine's own weight copies (repack below), so that prefetch() reads only memory whose release it hears of.
+typedef struct own_block { const char *p; size_t n; struct own_block *next; } own_block;
+static pthread_mutex_t own_mu = PTHREAD_MUTEX_INITIALIZER;
+static own_block *own_blocks;
+
+static int own_contains(const void *p, size_t n) {
+  int found = 0;
+  pthread_mutex_lock(&own_mu);
+  for (own_block *b = own_blocks; b && !found; b = b->next)
+    found = (const char *)p >= b->p && (size_t)((const char *)p - b->p) <= b->n && n <= b->n - (size_t)((const char *)p - b->p);
+  pthread_mutex_unlock(&own_mu);
+  return found;
+}
+
 static void free_repacked(napi_env env, void *data, void *hint) {
-  (void)env, (void)hint;
+  (void)env;
+  own_block *b = hint;
+  pthread_mutex_lock(&own_mu);
+  for (own_block **pp = &own_blocks; *pp; pp = &(*pp)->next)
+    if (*pp == b) {
+      *pp = b->next;
+      break;
+    }
+  pthread_mutex_unlock(&own_mu);
+  free(b);
+  moe_pool_prefetch_cancel(); // no worker may still be reading it
   free(data);
 }
 
@@ -513,10 +538,17 @@ static napi_value js_repack(napi_env env, napi_callback_info info) {
 #ifdef MADV_HUGEPAGE
   madvise(dst, bytes, MADV_HUGEPAGE); // advice only
 #endif
+  own_block *blk = malloc(sizeof *blk);
+  if (!blk) { free(dst); return nul; }
   moe_repack_rows((int)wtype, w, dst, rows, (int)n);
   moe_mmap_release(w, bytes);
+  *blk = (own_block){dst, bytes, NULL};
+  pthread_mutex_lock(&own_mu);
+  blk->next = own_blocks;
+  own_blocks = blk;
+  pthread_mutex_unlock(&own_mu);
   napi_value ab, arr, o, t;
-  if (napi_create_external_arraybuffer(env, dst, bytes, free_repacked, NULL, &ab) != napi_ok) {
+  if (napi_create_external_arraybuffer(env, dst, bytes, free_repacked, blk, &ab) != napi_ok) {
     // Node owns dst now and frees it on failure (see mmap.c); the file layout still works.
     napi_value pending;
     napi_get_and_clear_last_exception(env, &pending);
@@ -554,6 +586,38 @@ static napi_value js_set_kernels(napi_env env, napi_callback_info info) {
   int ok = moe_fk_select(name);
   if (ok) moe_quant_force_path(!strcmp(name, "generic") ? 1 : !strcmp(name, "avx2") ? 2 : !strcmp(name, "avx512") ? 3 : 0);
   return js_bool(env, ok);
+}
+
+// prefetch(ws: Uint8Array[]): hints that the next job reads these weights; idle workers read them into cache
+// meanwhile (kernels.h moe_pool_prefetch). Only the addon's own weight copies and mapped model files are read (memory
+// whose release cancels the reading); anything else, and all past the 8th, is ignored.
+static napi_value js_prefetch(napi_env env, napi_callback_info info) {
+  args_t a;
+  if (!get_args(&a, env, info, "prefetch", 1)) return NULL;
+  bool isArr = false;
+  uint32_t len = 0;
+  napi_is_array(env, a.argv[0], &isArr);
+  if (!isArr || napi_get_array_length(env, a.argv[0], &len) != napi_ok) { fail(&a, 0, "ws must be an array"); return NULL; }
+  const void *ptrs[8];
+  size_t bytes[8];
+  int n = 0;
+  for (uint32_t i = 0; i < len && n < 8; i++) {
+    napi_value e;
+    bool is = false;
+    napi_typedarray_type t;
+    size_t count = 0;
+    void *data = NULL;
+    if (napi_get_element(env, a.argv[0], i, &e) != napi_ok || napi_is_typedarray(env, e, &is) != napi_ok || !is ||
+        napi_get_typedarray_info(env, e, &t, &count, &data, NULL, NULL) != napi_ok || t != napi_uint8_array) {
+      fail(&a, 0, "ws[%u] is not a Uint8Array", i);
+      return NULL;
+    }
+    if (!data || !count || !(own_contains(data, count) || moe_mmap_contains(data, count))) continue;
+    ptrs[n] = data;
+    bytes[n++] = count;
+  }
+  moe_pool_prefetch(ptrs, bytes, n);
+  return undef(env);
 }
 
 // setMoeChunk(rows): rows per MoE chunk, 0 = automatic (tests use it to cross chunk boundaries)
@@ -606,7 +670,7 @@ static napi_value js_info(napi_env env, napi_callback_info info) {
 NAPI_MODULE_INIT() {
   struct { const char *name; napi_callback cb; } fns[] = {
       {"matmul", js_matmul}, {"matmulMany", js_matmul_many}, {"rmsNorm", js_rmsnorm}, {"toF16", js_to_f16}, {"rope", js_rope}, {"attention", js_attention},
-      {"moeFFN", js_moe}, {"setThreads", js_set_threads}, {"setKernels", js_set_kernels}, {"setMoeChunk", js_set_moe_chunk},
+      {"moeFFN", js_moe}, {"setThreads", js_set_threads}, {"setKernels", js_set_kernels}, {"setMoeChunk", js_set_moe_chunk}, {"prefetch", js_prefetch},
       {"supports", js_supports}, {"info", js_info}, {"mmap", moe_napi_mmap}, {"repack", js_repack},
       {"transpose", js_transpose}, {"softmaxRows", js_softmax_rows}, {"trainAttention", js_train_attention},
       {"trainAttentionBackward", js_train_attention_backward}, {"crossEntropyBackward", js_ce_backward}, {"adamw", js_adamw},

@@ -27,6 +27,13 @@ void moe_pool_set_threads(int n); // n >= 1; 1 runs on the caller
 int moe_pool_threads(void);
 /** Runs fn(ctx, ith, nth) for ith = 0..nth-1 on the pool (the caller is thread 0) and waits for all. */
 void moe_pool_run(moe_task_fn fn, void *ctx);
+/**
+ * Hints that the next job reads these byte ranges: idle workers read them into cache until a job arrives (returns
+ * at once; a later call replaces the ranges). Changes speed only, never results.
+ */
+void moe_pool_prefetch(const void *const *ptrs, const size_t *bytes, int count);
+/** Drops the posted ranges and returns once no worker reads them: call before freeing memory that may be posted. */
+void moe_pool_prefetch_cancel(void);
 
 // ---- Activation conversion (llama.cpp's vec_dot_type) ----
 /** The type an activation row is converted to before dot products with weights of `wtype`. */

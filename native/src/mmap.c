@@ -12,6 +12,7 @@
 #define _DEFAULT_SOURCE
 #endif
 #include "mmap.h"
+#include "kernels.h" // moe_pool_prefetch_cancel
 
 #include <errno.h>
 #include <math.h>
@@ -107,6 +108,7 @@ static void finalize_mapping(napi_env env, void *data, void *hint) {
     }
   }
   pthread_mutex_unlock(&live_mu);
+  moe_pool_prefetch_cancel(); // a worker may be reading ahead in it (kernels.h)
   munmap(m->base, m->len);
   free(m);
 }

@@ -51,6 +51,90 @@ static struct {
   pthread_t th[MAX_THREADS];
 } P = {.mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .run_mu = PTHREAD_MUTEX_INITIALIZER};
 
+// ---- Reading ahead. Between jobs the caller works alone (norms, rope, routing, JavaScript) while the workers spin
+// and the memory bus idles; the forward pass knows which weights the next job streams, so it posts them here and a
+// spinning worker reads them into cache meanwhile, a chunk at a time, stopping as soon as a job arrives. Plain loads:
+// prefetch instructions issued as fast did not help (decode A/B, bench model), loads did.
+//
+// Memory lifetime: a worker may still be reading a posted range when the caller moves on, so whoever frees memory
+// that may have been posted (the addon's weight copies, file mappings) first calls moe_pool_prefetch_cancel(), which
+// returns once no worker is inside a posted range.
+#define PF_MAX 8
+#define PF_CHUNK 4096
+typedef struct {
+  _Atomic(const char *) p[PF_MAX];
+  atomic_size_t n[PF_MAX];
+  atomic_int count;
+} pf_set;
+static struct {
+  pf_set set[2];                      // the ranges of posting gen live in set[gen & 1]
+  _Alignas(64) atomic_ullong gen;     // bumped by each posting (0: none yet)
+  _Alignas(64) atomic_size_t cursor;  // bytes of the current posting claimed so far
+  _Alignas(64) atomic_int readers;    // workers between announcing a read and finishing it
+  pthread_mutex_t post_mu;            // postings and cancels from several JS threads
+} PF = {.post_mu = PTHREAD_MUTEX_INITIALIZER};
+
+static void post(const void *const *ptrs, const size_t *bytes, int count) {
+  const unsigned long long g = atomic_load(&PF.gen) + 1;
+  pf_set *s = &PF.set[g & 1];
+  // set[g & 1] last served posting g - 2, which no worker still reads: a reader re-checks the generation after
+  // announcing itself, and a posting is published only after the one before it (see prefetch_chunk).
+  while (atomic_load(&PF.readers) > 0) cpu_relax();
+  for (int i = 0; i < count; i++) {
+    atomic_store_explicit(&s->p[i], (const char *)ptrs[i], memory_order_relaxed);
+    atomic_store_explicit(&s->n[i], bytes[i], memory_order_relaxed);
+  }
+  atomic_store_explicit(&s->count, count, memory_order_relaxed);
+  atomic_store(&PF.cursor, 0);
+  atomic_store(&PF.gen, g);
+}
+
+void moe_pool_prefetch(const void *const *ptrs, const size_t *bytes, int count) {
+  if (atomic_load(&P.nth) < 2 || count <= 0) return;
+  if (count > PF_MAX) count = PF_MAX;
+  pthread_mutex_lock(&PF.post_mu);
+  post(ptrs, bytes, count);
+  pthread_mutex_unlock(&PF.post_mu);
+}
+
+void moe_pool_prefetch_cancel(void) {
+  pthread_mutex_lock(&PF.post_mu);
+  post(NULL, NULL, 0); // an empty posting; returns once no worker reads an older one
+  while (atomic_load(&PF.readers) > 0) cpu_relax();
+  pthread_mutex_unlock(&PF.post_mu);
+}
+
+/** Reads one chunk of the current posting; 0 when there is nothing (left) to read. */
+static int prefetch_chunk(unsigned long long *done_gen) {
+  const unsigned long long g = atomic_load(&PF.gen);
+  if (g == *done_gen) return 0;
+  atomic_fetch_add(&PF.readers, 1);
+  if (atomic_load(&PF.gen) != g) { // superseded (or cancelled) meanwhile: its memory may be gone
+    atomic_fetch_sub(&PF.readers, 1);
+    return 1;
+  }
+  const pf_set *s = &PF.set[g & 1];
+  size_t off = atomic_fetch_add_explicit(&PF.cursor, PF_CHUNK, memory_order_relaxed);
+  const char *p = NULL;
+  size_t len = 0;
+  const int count = atomic_load_explicit(&s->count, memory_order_relaxed);
+  for (int i = 0; i < count && i < PF_MAX; i++) {
+    const size_t n = atomic_load_explicit(&s->n[i], memory_order_relaxed);
+    if (off < n) {
+      p = atomic_load_explicit(&s->p[i], memory_order_relaxed) + off;
+      len = n - off < PF_CHUNK ? n - off : PF_CHUNK;
+      break;
+    }
+    off -= n;
+  }
+  if (!p) *done_gen = g;
+  unsigned sink = 0;
+  for (size_t i = 0; i < len; i += 64) sink += *(const volatile unsigned char *)(p + i);
+  (void)sink;
+  atomic_fetch_sub(&PF.readers, 1);
+  return p != NULL;
+}
+
 static void run_slot(unsigned long long g, int i) {
   unsigned long long want = 2 * g;
   if (atomic_compare_exchange_strong(&P.slot[i].state, &want, 2 * g + 1)) {
@@ -61,9 +145,9 @@ static void run_slot(unsigned long long g, int i) {
 
 static void *worker(void *arg) {
   int id = (int)(size_t)arg;
-  unsigned long long seen = atomic_load(&P.gen);
+  unsigned long long seen = atomic_load(&P.gen), pf_done = 0;
   for (;;) {
-    // Spin for new work, then sleep.
+    // Spin for new work (reading ahead what the caller posted meanwhile), then sleep.
     unsigned long long g;
     long long t0 = 0;
     int spins = 0;
@@ -71,6 +155,10 @@ static void *worker(void *arg) {
       g = atomic_load_explicit(&P.gen, memory_order_acquire);
       if (g != seen && id < atomic_load(&P.nth)) break;
       if (g != seen) seen = g; // a job this worker is not part of
+      if (id < atomic_load_explicit(&P.nth, memory_order_relaxed) && prefetch_chunk(&pf_done)) {
+        t0 = 0;
+        continue;
+      }
       cpu_relax();
       if (++spins < 64) continue;
       spins = 0;

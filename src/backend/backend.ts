@@ -24,6 +24,13 @@ export interface Backend {
    */
   prepareWeights(ws: readonly Tensor[]): void;
 
+  /**
+   * A hint: the next operation reads these weights. A backend may start bringing them into cache meanwhile (native:
+   * an idle worker thread reads them while the calling thread does the serial work between matrix products).
+   * Changes speed only, never results.
+   */
+  prefetch?(ws: readonly Tensor[]): void;
+
   /** dst[i] = the f16 bits of src[i] (round to nearest even, as ggml): how an f16 KV cache stores a key or value. */
   toF16(dst: Uint16Array, src: Float32Array): void;
 

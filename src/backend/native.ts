@@ -33,6 +33,8 @@ interface ComputeAddon {
   /** Training: one AdamW update of f32 parameters p with gradient g and moments m, v (optimizer.ts). */
   adamw(p: Float32Array, g: Float32Array, m: Float32Array, v: Float32Array, beta1: number, beta2: number, stepSize: number, bc2Sqrt: number, eps: number, decay: number): void;
   rmsNorm(out: Float32Array, x: Float32Array, rows: number, weight: Float32Array, eps: number): void;
+  /** Idle workers read these (the next job's weights) into cache until a job arrives. */
+  prefetch(ws: Uint8Array[]): void;
   /** dst[i] = the f16 bits of src[i]. */
   toF16(dst: Uint16Array, src: Float32Array): void;
   rope(x: Float32Array, rows: number, nHeads: number, headDim: number, positions: Int32Array, theta: number): void;
@@ -65,7 +67,7 @@ export interface NativeInfo {
   features: Record<string, number>;
 }
 
-const FUNCTIONS = ['matmul', 'matmulMany', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'crossEntropyBackward', 'adamw', 'rmsNorm', 'toF16', 'rope', 'attention', 'moeFFN', 'repack', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
+const FUNCTIONS = ['matmul', 'matmulMany', 'transpose', 'softmaxRows', 'trainAttention', 'trainAttentionBackward', 'crossEntropyBackward', 'adamw', 'rmsNorm', 'toF16', 'prefetch', 'rope', 'attention', 'moeFFN', 'repack', 'setThreads', 'setKernels', 'setMoeChunk', 'supports', 'info'];
 
 let compute: ComputeAddon | null | undefined;
 let computeError: string | null = null;
@@ -215,6 +217,11 @@ export class NativeBackend implements Backend {
       progress?.update((done += w.data.length));
     }
     progress?.finish();
+  }
+
+  prefetch(ws: readonly Tensor[]): void {
+    if (this.threads < 2) return;
+    this.addon.prefetch(ws.map((w) => this.weight(w)[0]));
   }
 
   toF16(dst: Uint16Array, src: Float32Array): void {

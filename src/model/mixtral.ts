@@ -277,6 +277,7 @@ export function forwardBatch(model: MixtralModel, items: readonly BatchItem[]): 
     // Self-attention block: projections over all rows, attention per sequence.
     be.rmsNorm(xn, x, n, layer.input_layernorm, c.rmsNormEps);
     be.matmulMany([q, kNew, vNew], xn, n, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]);
+    be.prefetch?.([layer.self_attn.o_proj]); // read while rope and attention run
     be.rope(q, n, c.numAttentionHeads, hd, positions, c.ropeTheta);
     be.rope(kNew, n, c.numKeyValueHeads, hd, positions, c.ropeTheta);
     items.forEach((it, b) => {
@@ -317,6 +318,8 @@ export function forwardBatch(model: MixtralModel, items: readonly BatchItem[]): 
       }
     });
     be.moeFFN(proj, xn, n, chosen, chosenW, k, moe.experts.w1, moe.experts.w3, moe.experts.w2);
+    const next = w.layers[l + 1]?.self_attn; // read while the residual and the norm run
+    be.prefetch?.(next ? [next.q_proj, next.k_proj, next.v_proj] : [w.lm_head]);
     for (let i = 0; i < n * dim; i++) x[i] = fr(x[i] + proj[i]);
   }
 
