@@ -3,11 +3,11 @@
 //   pp: a fresh context, one forward call over BOS + (prompt - 1) random tokens;
 //   tg: a fresh context, BOS then (gen - 1) random tokens, one forward call per token (from position 0, as
 //       llama-bench's tg test starts on an empty context).
-// Each test is preceded by a warm-up (a prompt of `warmupPrompt` tokens, as llama-bench's warm-up runs; 32 generated
+// Each test is preceded by a warm-up (a prompt of `warmupPrompt` tokens, as llama-bench's warm-up runs; 128 generated
 // tokens where llama-bench generates one, see below), which also brings a memory-mapped file's pages in.
 //
 //   node scripts/bench-moe-child.mjs --model m.gguf --threads 2 --prompt 512 --gen 128 [--warmup-prompt 512]
-//     [--warmup-gen 32] [--seed 1]
+//     [--warmup-gen 128] [--seed 1]
 //
 // Prints one line `BENCH_RESULT {json}` on stdout; progress lines `@progress <text>` on stderr.
 import { performance } from 'node:perf_hooks';
@@ -101,11 +101,11 @@ if (nPrompt > 0) {
   result.pp = { tokens: nPrompt, seconds: s, tokensPerSecond: nPrompt / s };
 }
 if (nGen > 0) {
-  // 32 tokens, not llama-bench's 1: V8 compiles the decode path during its first few dozen tokens, and on 2 cores its
-  // background compiler threads preempt a kernel thread (measured: the first 128-token run of a process ~10-15 %
-  // slower than the next, and not so with node --single-threaded). A one-time cost, as llama-bench's warm-up excludes its own.
+  // 128 tokens, not llama-bench's 1: V8 optimises the decode path over a process's first ~150 tokens, and on 2 cores
+  // its background compiler thread preempts a kernel thread (docs/benchmarks.md: with 32 warm-up tokens q4_0 tg128
+  // measured ~15 % lower). A one-time cost per process, as llama-bench's warm-up excludes its own.
   // (On the ref backend, where a token takes a second, one warm-up token as llama-bench.)
-  const warmupGen = Math.max(1, Math.min(nGen, intOpt('warmup-gen', be.name === 'native' ? 32 : 1)));
+  const warmupGen = Math.max(1, intOpt('warmup-gen', be.name === 'native' ? 128 : 1));
   progress('tg warm-up');
   generate(warmupGen);
   progress(`tg 0/${nGen}`);
