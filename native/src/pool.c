@@ -61,6 +61,8 @@ static struct {
 // returns once no worker is inside a posted range.
 #define PF_MAX 8
 #define PF_CHUNK 4096
+#define PF_LIMIT (2u << 20) // bytes read per posting at most: a gap between jobs covers far less, and a posting
+                            // that no job follows (the last of a forward pass) is not read to its end
 typedef struct {
   _Atomic(const char *) p[PF_MAX];
   atomic_size_t n[PF_MAX];
@@ -115,9 +117,9 @@ static int prefetch_chunk(unsigned long long *done_gen) {
   }
   const pf_set *s = &PF.set[g & 1];
   size_t off = atomic_fetch_add_explicit(&PF.cursor, PF_CHUNK, memory_order_relaxed);
+  const int count = off < PF_LIMIT ? atomic_load_explicit(&s->count, memory_order_relaxed) : 0;
   const char *p = NULL;
   size_t len = 0;
-  const int count = atomic_load_explicit(&s->count, memory_order_relaxed);
   for (int i = 0; i < count && i < PF_MAX; i++) {
     const size_t n = atomic_load_explicit(&s->n[i], memory_order_relaxed);
     if (off < n) {
