@@ -508,6 +508,30 @@ test('usage errors: exit 2, one line naming the problem', () => {
   fails(['generate', ...m, '--prompt', 'hi', '--bogus'], /Unknown option '--bogus'/, { status: 2 });
   fails(['inspect'], /inspect takes one model path/, { status: 2 });
   fails(['logits', ...m, '--tokens', '1', '--backend', 'gpu'], /--backend must be auto, native or ref, got 'gpu'/, { status: 2 });
+  fails(['generate', ...m, '--prompt', 'hi', '--kv-cache', 'q8_0'], /--kv-cache must be f32 or f16, got 'q8_0'/, { status: 2 });
+});
+
+test('generate --kv-cache f16, greedy: the argmax chain of a library session with an f16 KV cache (f32 is the default)', () => {
+  // micro-q8_0 on this prompt: the greedy continuation with an f16 cache differs from the f32 one.
+  const model = fixture('micro/micro-q8_0.gguf'), prompt = 'x y z w', N = 12;
+  const run = (extra: string[]) => json(['generate', '--model', model, '--prompt', prompt, '--json', '--max-tokens', String(N), '--temperature', '0', ...extra]).tokens as number[];
+  const m = lib(model);
+  const chain = (kvF16: boolean): number[] => {
+    const s = m.newSession({ kvF16 });
+    let logits = s.forward(m.tokenizer.encode(prompt, { addBos: true }));
+    const want: number[] = [];
+    for (;;) {
+      const t = argmax(logits);
+      want.push(t);
+      if (t === m.tokenizer.eosId || want.length === N) return want;
+      logits = s.forward([t]);
+    }
+  };
+  const f16 = chain(true), f32 = chain(false);
+  assert.notDeepEqual(f16, f32, 'the two cache types give different continuations here');
+  assert.deepEqual(run(['--kv-cache', 'f16']), f16);
+  assert.deepEqual(run(['--kv-cache', 'f32']), f32);
+  assert.deepEqual(run([]), f32);
 });
 
 test('--backend ref and --backend native give the same logits (native when the addon is built)', (t) => {

@@ -215,6 +215,22 @@ test('--api-key: requests without the key get 401; with it they work', async () 
   }
 });
 
+test('kvF16: the server\'s sessions keep an f16 KV cache; greedy completions equal the library\'s with one', async () => {
+  const s = await startServer({ ...DEFAULT_SERVER_OPTIONS, modelPath: MICRO, port: 0, kvF16: true });
+  try {
+    const c = new OpenAI({ baseURL: `${s.url}/v1`, apiKey: 'x', maxRetries: 0 });
+    // A prompt whose greedy continuation on this model differs between an f16 and an f32 cache.
+    const prompt = 'x y z w';
+    const got = (await c.completions.create({ model: 'm', prompt, max_tokens: 12, temperature: 0 })).choices[0].text;
+    const m = loadModel(MICRO);
+    const run = async (kvF16: boolean) => (await generate(m, m.tokenizer.encode(prompt, { addBos: true }), { maxTokens: 12, temperature: 0, kvF16 })).text;
+    assert.equal(got, await run(true));
+    assert.notEqual(got, await run(false));
+  } finally {
+    await s.close();
+  }
+});
+
 test('a full queue answers 429', async () => {
   // The ref backend on a larger model keeps the one slot busy for seconds, so the 50 ms steps below cannot race it.
   const s = await startServer({ ...DEFAULT_SERVER_OPTIONS, modelPath: TINY_A, backend: 'ref', port: 0, parallel: 1, maxQueue: 1 });

@@ -36,7 +36,16 @@ const samplingOptions = {
   threads: { type: 'string' },
   backend: { type: 'string' },
   ctx: { type: 'string' },
+  'kv-cache': { type: 'string' },
 } as const;
+
+/** --kv-cache f32|f16 (llama.cpp's --cache-type-k/v; f16 halves the cache's memory): true for f16. */
+function kvF16Arg(v: Values): boolean | undefined {
+  const t = v['kv-cache'] as string | undefined;
+  if (t === undefined) return undefined;
+  if (t !== 'f16' && t !== 'f32') throw new UsageError(`--kv-cache must be f32 or f16, got '${t}'`);
+  return t === 'f16';
+}
 
 function samplingFrom(v: Values, defaultMax: number): GenerateOptions {
   const s = (k: string) => v[k] as string | undefined;
@@ -52,6 +61,8 @@ function samplingFrom(v: Values, defaultMax: number): GenerateOptions {
   if (o.topP === 0) throw new UsageError(`--top-p must be a number in (0, 1], got '${s('top-p')}'`);
   if (s('seed') !== undefined) o.seed = intArg('seed', s('seed'), 0, 0);
   if (s('ctx') !== undefined) o.contextLength = intArg('ctx', s('ctx'), 0, 1);
+  const kv = kvF16Arg(v);
+  if (kv !== undefined) o.kvF16 = kv;
   return o;
 }
 
@@ -233,8 +244,10 @@ const serve: Command = async (argv) => {
   const { values } = parseV(argv, {
     model: { type: 'string' }, host: { type: 'string' }, port: { type: 'string' }, 'api-key': { type: 'string' },
     parallel: { type: 'string' }, 'max-queue': { type: 'string' }, threads: { type: 'string' }, backend: { type: 'string' }, ctx: { type: 'string' },
+    'kv-cache': { type: 'string' },
   });
   const backend = backendArg(values);
+  const kvF16 = kvF16Arg(values);
   const d = DEFAULT_SERVER_OPTIONS;
   const apiKey = (values['api-key'] as string | undefined) ?? process.env.MOE_API_KEY;
   // Without --model, the default model `moe start` chats with (as `ollama serve` serves what is installed).
@@ -249,6 +262,7 @@ const serve: Command = async (argv) => {
     threads: intArg('threads', values.threads as string | undefined, 0, 0),
     ...(backend ? { backend } : {}),
     ...(values.ctx !== undefined ? { contextLength: intArg('ctx', values.ctx as string | undefined, 0, 2) } : {}),
+    ...(kvF16 !== undefined ? { kvF16 } : {}),
     ...(apiKey ? { apiKey } : {}),
   });
   process.stderr.write(`moe serve: ${modelPath} on ${s.url} (OpenAI API at ${s.url}/v1, playground at ${s.url}/)${apiKey ? ', API key required' : ''}\n`);

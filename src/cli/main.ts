@@ -13,7 +13,8 @@ Usage: moe <command> [options]       (<m> is a GGUF file or a Hugging Face check
   inspect <m>                              architecture, shapes, dtypes, parameter counts, tokenizer
   generate --model <m> --prompt <text>     stream a continuation
            [--chat] [--max-tokens N] [--temperature T] [--top-k K] [--top-p P] [--min-p P]
-           [--repeat-penalty R] [--seed S] [--threads N] [--backend auto|native|ref] [--ctx N] [--json]
+           [--repeat-penalty R] [--seed S] [--threads N] [--backend auto|native|ref] [--ctx N]
+           [--kv-cache f32|f16] [--json]
   chat --model <m> [sampling options]      interactive chat (one user turn per stdin line when piped)
   logits --model <m> --tokens <id,id,...>  raw logits, one row per input position (no BOS added)
   tokenize --model <m> [--no-bos] [--jsonl]  tokenize stdin
@@ -34,6 +35,7 @@ Usage: moe <command> [options]       (<m> is a GGUF file or a Hugging Face check
            [--max-tokens N] [--parallel N] [--json] [--threads N] [--backend auto|native|ref]
                                            exact match per task and language (greedy, chat template)
   serve [--model <m>] [--host 127.0.0.1] [--port 8080] [--api-key K] [--parallel N] [--max-queue N] [--ctx N]
+        [--kv-cache f32|f16]
                                            OpenAI-compatible HTTP API and the playground at /
   start                                    chat with the default model (what \`npm start\` runs)
 `;

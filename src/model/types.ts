@@ -42,7 +42,8 @@ export interface LanguageModel {
   readonly tokenizer: Tokenizer;
   /** The file's own chat template (tokenizer.chat_template / tokenizer_config.json), when it has one. */
   readonly chatTemplate?: string;
-  newSession(opts?: { contextLength?: number }): InferenceSession;
+  /** kvF16: keep the KV cache in f16 (half the memory; llama.cpp's default cache type) instead of f32. */
+  newSession(opts?: { contextLength?: number; kvF16?: boolean }): InferenceSession;
 }
 
 export class ContextOverflowError extends Error {

@@ -31,6 +31,8 @@ export interface EngineOptions {
   /** Most requests waiting for a slot; more are refused (HTTP 429). */
   maxQueue: number;
   contextLength: number;
+  /** Sessions keep their KV cache in f16 (half the memory) instead of f32. */
+  kvF16?: boolean;
 }
 
 interface Active {
@@ -122,7 +124,7 @@ export class Engine {
     while (this.active.length < this.opts.parallel && this.queue.length > 0) {
       const req = this.queue.shift()!;
       const sampler = new Sampler({ ...req.sampling, seed: req.sampling.seed ?? randomSeed() });
-      const session = this.model.newSession({ contextLength: this.opts.contextLength });
+      const session = this.model.newSession({ contextLength: this.opts.contextLength, kvF16: this.opts.kvF16 ?? false });
       const decoder = new SequenceDecoder(this.model.tokenizer, req.promptIds, sampler, {
         maxTokens: req.maxTokens,
         stops: req.stop,

@@ -26,6 +26,8 @@ export interface ServerOptions {
   /** Compute backend for the inference worker (default 'auto'). */
   backend?: BackendName;
   contextLength?: number;
+  /** Sessions keep their KV cache in f16 (half the memory) instead of f32. */
+  kvF16?: boolean;
   /** Largest request body accepted, in bytes. */
   maxBodyBytes: number;
   /** Most prompt characters accepted before tokenizing (a cheap bound; the token limit is the context). */
@@ -62,7 +64,7 @@ export interface RunningServer {
 
 /** Starts the worker (model load) and the HTTP server; resolves once both are ready. */
 export async function startServer(opts: ServerOptions): Promise<RunningServer> {
-  const init: WorkerInit = { modelPath: path.resolve(opts.modelPath), threads: opts.threads, ...(opts.backend ? { backend: opts.backend } : {}), parallel: opts.parallel, maxQueue: opts.maxQueue, ...(opts.contextLength ? { contextLength: opts.contextLength } : {}) };
+  const init: WorkerInit = { modelPath: path.resolve(opts.modelPath), threads: opts.threads, ...(opts.backend ? { backend: opts.backend } : {}), parallel: opts.parallel, maxQueue: opts.maxQueue, ...(opts.contextLength ? { contextLength: opts.contextLength } : {}), ...(opts.kvF16 ? { kvF16: true } : {}) };
   const worker = new Worker(new URL('./worker.js', import.meta.url), { workerData: init });
   const listeners = new Map<string, Listener>();
   const statsWaiters = new Map<number, (s: Extract<WorkerReply, { type: 'stats' }>) => void>();

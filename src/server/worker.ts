@@ -16,6 +16,7 @@ export interface WorkerInit {
   parallel: number;
   maxQueue: number;
   contextLength?: number;
+  kvF16?: boolean;
 }
 
 /** What the HTTP thread asks for. Prompts are encoded here, where the tokenizer lives. */
@@ -45,7 +46,7 @@ const send = (m: WorkerReply) => port.postMessage(m);
 try {
   const model = loadModel(init.modelPath, { threads: init.threads, ...(init.backend ? { backend: init.backend } : {}) });
   const contextLength = Math.min(init.contextLength ?? model.config.maxPositionEmbeddings, model.config.maxPositionEmbeddings);
-  const engine = new Engine(model, { parallel: init.parallel, maxQueue: init.maxQueue, contextLength }, send);
+  const engine = new Engine(model, { parallel: init.parallel, maxQueue: init.maxQueue, contextLength, kvF16: init.kvF16 ?? false }, send);
   port.on('message', (m: WorkerRequest) => {
     if (m.type === 'cancel') return engine.cancel(m.id);
     if (m.type === 'stats') {

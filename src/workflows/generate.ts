@@ -25,6 +25,8 @@ export interface GenerateOptions extends SamplerOptions {
    */
   session?: InferenceSession;
   contextLength?: number;
+  /** A new session keeps its KV cache in f16 (half the memory, llama.cpp's default) instead of f32. */
+  kvF16?: boolean;
   /** Ends generation with finishReason 'abort' (checked before every forward call). */
   signal?: AbortSignal;
   /** Use this sampler (its PRNG state carries on) instead of building one from the sampler options. */
@@ -77,7 +79,7 @@ export async function* generateStream(model: LanguageModel, promptIds: readonly 
   }
   const stops = (opts.stop ?? []).filter((s) => s.length > 0);
   const sampler = opts.sampler ?? new Sampler(opts);
-  const session = opts.session ?? model.newSession(opts.contextLength !== undefined ? { contextLength: opts.contextLength } : {});
+  const session = opts.session ?? model.newSession({ ...(opts.contextLength !== undefined ? { contextLength: opts.contextLength } : {}), kvF16: opts.kvF16 ?? false });
   const ctx = session.contextLength;
   const needed = session.position + promptIds.length;
   if (needed > ctx) throw new ContextOverflowError(needed, ctx);
