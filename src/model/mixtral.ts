@@ -297,7 +297,7 @@ export function forwardBatch(model: MixtralModel, items: readonly BatchItem[]): 
       });
     });
     be.matmul(proj, attn, n, layer.self_attn.o_proj);
-    for (let i = 0; i < n * dim; i++) x[i] = fr(x[i] + proj[i]);
+    addResidual(x, proj, n * dim);
 
     // Sparse MoE block: route, then the grouped expert FFN over the tokens of every sequence.
     be.rmsNorm(xn, x, n, layer.post_attention_layernorm, c.rmsNormEps);
@@ -320,7 +320,7 @@ export function forwardBatch(model: MixtralModel, items: readonly BatchItem[]): 
     be.moeFFN(proj, xn, n, chosen, chosenW, k, moe.experts.w1, moe.experts.w3, moe.experts.w2);
     const next = w.layers[l + 1]?.self_attn; // read while the residual and the norm run
     be.prefetch?.(next ? [next.q_proj, next.k_proj, next.v_proj] : [w.lm_head]);
-    for (let i = 0; i < n * dim; i++) x[i] = fr(x[i] + proj[i]);
+    addResidual(x, proj, n * dim);
   }
 
   // Final norm and output head, for the rows each item wants.
@@ -345,6 +345,15 @@ export function forwardBatch(model: MixtralModel, items: readonly BatchItem[]): 
     it.session.advance(it.tokens.length);
   }
   return result;
+}
+
+/**
+ * x[i] += r[i] for i < n, in f32. Its own function so that a long prompt's hot loop is optimised here, not by
+ * on-stack replacement of forwardBatch in the middle of its first call: code compiled that way had no type feedback
+ * for the calls after the layer loop and deoptimised on every call for the first ~40 decode steps (node --trace-deopt).
+ */
+function addResidual(x: Float32Array, r: Float32Array, n: number): void {
+  for (let i = 0; i < n; i++) x[i] = fr(x[i] + r[i]);
 }
 
 /**
