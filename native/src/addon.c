@@ -5,7 +5,6 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #ifndef _WIN32
@@ -478,32 +477,11 @@ static napi_value js_moe(napi_env env, napi_callback_info info) {
   return js_bool(env, rc == 0);
 }
 
-// The engine's own weight copies (repack below), so that prefetch() reads only memory whose release it hears of.
-typedef struct own_block { const char *p; size_t n; struct own_block *next; } own_block;
-static pthread_mutex_t own_mu = PTHREAD_MUTEX_INITIALIZER;
-static own_block *own_blocks;
-
-static int own_contains(const void *p, size_t n) {
-  int found = 0;
-  pthread_mutex_lock(&own_mu);
-  for (own_block *b = own_blocks; b && !found; b = b->next)
-    found = (const char *)p >= b->p && (size_t)((const char *)p - b->p) <= b->n && n <= b->n - (size_t)((const char *)p - b->p);
-  pthread_mutex_unlock(&own_mu);
-  return found;
-}
-
+// A weight copy is a registered region (mmap.h) while it lives, so prefetch() may post it.
 static void free_repacked(napi_env env, void *data, void *hint) {
   (void)env;
-  own_block *b = hint;
-  pthread_mutex_lock(&own_mu);
-  for (own_block **pp = &own_blocks; *pp; pp = &(*pp)->next)
-    if (*pp == b) {
-      *pp = b->next;
-      break;
-    }
-  pthread_mutex_unlock(&own_mu);
-  free(b);
-  moe_pool_prefetch_cancel(); // no worker may still be reading it
+  moe_region_remove(hint); // returns once no worker reads ahead in it
+  free(hint);
   free(data);
 }
 
@@ -538,15 +516,12 @@ static napi_value js_repack(napi_env env, napi_callback_info info) {
 #ifdef MADV_HUGEPAGE
   madvise(dst, bytes, MADV_HUGEPAGE); // advice only
 #endif
-  own_block *blk = malloc(sizeof *blk);
+  moe_region *blk = malloc(sizeof *blk);
   if (!blk) { free(dst); return nul; }
   moe_repack_rows((int)wtype, w, dst, rows, (int)n);
   moe_mmap_release(w, bytes);
-  *blk = (own_block){dst, bytes, NULL};
-  pthread_mutex_lock(&own_mu);
-  blk->next = own_blocks;
-  own_blocks = blk;
-  pthread_mutex_unlock(&own_mu);
+  *blk = (moe_region){dst, bytes, 0, NULL};
+  moe_region_add(blk);
   napi_value ab, arr, o, t;
   if (napi_create_external_arraybuffer(env, dst, bytes, free_repacked, blk, &ab) != napi_ok) {
     // Node owns dst now and frees it on failure (see mmap.c); the file layout still works.
@@ -589,8 +564,8 @@ static napi_value js_set_kernels(napi_env env, napi_callback_info info) {
 }
 
 // prefetch(ws: Uint8Array[]): hints that the next job reads these weights; idle workers read them into cache
-// meanwhile (kernels.h moe_pool_prefetch). Only the addon's own weight copies and mapped model files are read (memory
-// whose release cancels the reading); anything else, and all past the 8th, is ignored.
+// meanwhile (kernels.h moe_pool_prefetch). Only registered regions (mmap.h: mapped files, the addon's weight copies,
+// whose release cancels the reading) are read; anything else, and all past the 8th, is ignored.
 static napi_value js_prefetch(napi_env env, napi_callback_info info) {
   args_t a;
   if (!get_args(&a, env, info, "prefetch", 1)) return NULL;
@@ -612,7 +587,7 @@ static napi_value js_prefetch(napi_env env, napi_callback_info info) {
       fail(&a, 0, "ws[%u] is not a Uint8Array", i);
       return NULL;
     }
-    if (!data || !count || !(own_contains(data, count) || moe_mmap_contains(data, count))) continue;
+    if (!data || !count || !moe_region_contains(data, count)) continue;
     ptrs[n] = data;
     bytes[n++] = count;
   }

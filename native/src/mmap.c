@@ -87,43 +87,55 @@ static bool get_size_arg(napi_env env, napi_value v, const char *name, uint64_t 
 #ifndef _WIN32
 #include <pthread.h>
 
-typedef struct mapping {
-  void *base;
-  size_t len;
-  struct mapping *next; // the live mappings (moe_mmap_release only touches these)
-} mapping;
-
 static pthread_mutex_t live_mu = PTHREAD_MUTEX_INITIALIZER; // worker threads may map and collect concurrently
-static mapping *live;
+static moe_region *live;
 
-static void finalize_mapping(napi_env env, void *data, void *hint) {
-  (void)env;
-  (void)data;
-  mapping *m = (mapping *)hint;
+void moe_region_add(moe_region *r) {
   pthread_mutex_lock(&live_mu);
-  for (mapping **pp = &live; *pp; pp = &(*pp)->next) {
-    if (*pp == m) {
-      *pp = m->next;
+  r->next = live;
+  live = r;
+  pthread_mutex_unlock(&live_mu);
+}
+
+void moe_region_remove(moe_region *r) {
+  pthread_mutex_lock(&live_mu);
+  for (moe_region **pp = &live; *pp; pp = &(*pp)->next) {
+    if (*pp == r) {
+      *pp = r->next;
       break;
     }
   }
   pthread_mutex_unlock(&live_mu);
   moe_pool_prefetch_cancel(); // a worker may be reading ahead in it (kernels.h)
+}
+
+static void finalize_mapping(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)data;
+  moe_region *m = (moe_region *)hint;
+  moe_region_remove(m);
   munmap(m->base, m->len);
   free(m);
 }
 
-/** Whether [p, p + len) lies inside one live mapping; the caller holds live_mu. */
-static int live_contains(const void *p, size_t len) {
+/** Whether [p, p + len) lies inside one live region (a file mapping when files_only); the caller holds live_mu. */
+static int live_contains(const void *p, size_t len, int files_only) {
   const uintptr_t a = (uintptr_t)p, b = a + len;
-  for (mapping *m = live; m; m = m->next)
-    if (a >= (uintptr_t)m->base && b <= (uintptr_t)m->base + m->len) return 1;
+  for (moe_region *m = live; m; m = m->next)
+    if ((m->file || !files_only) && a >= (uintptr_t)m->base && b <= (uintptr_t)m->base + m->len) return 1;
   return 0;
+}
+
+int moe_region_contains(const void *p, size_t len) {
+  pthread_mutex_lock(&live_mu);
+  const int found = live_contains(p, len, 0);
+  pthread_mutex_unlock(&live_mu);
+  return found;
 }
 
 int moe_mmap_contains(const void *p, size_t len) {
   pthread_mutex_lock(&live_mu);
-  const int found = live_contains(p, len);
+  const int found = live_contains(p, len, 1);
   pthread_mutex_unlock(&live_mu);
   return found;
 }
@@ -134,12 +146,19 @@ int moe_mmap_release(const void *p, size_t len) {
   const uintptr_t lo = ((uintptr_t)p + ps - 1) / ps * ps, hi = ((uintptr_t)p + len) / ps * ps;
   int done = 0;
   pthread_mutex_lock(&live_mu); // held across the madvise: the mapping cannot be unmapped meanwhile
-  if (hi > lo && live_contains(p, len)) done = madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0;
+  if (hi > lo && live_contains(p, len, 1)) done = madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0;
   pthread_mutex_unlock(&live_mu);
   return done;
 }
 
 #else
+void moe_region_add(moe_region *r) { (void)r; }
+void moe_region_remove(moe_region *r) { (void)r; }
+int moe_region_contains(const void *p, size_t len) {
+  (void)p;
+  (void)len;
+  return 0;
+}
 int moe_mmap_contains(const void *p, size_t len) {
   (void)p;
   (void)len;
@@ -281,18 +300,14 @@ napi_value moe_napi_mmap(napi_env env, napi_callback_info info) {
     goto done;
   }
   if (will_need) madvise(p, map_len, MADV_WILLNEED); // advice only: failure changes nothing
-  mapping *m = (mapping *)malloc(sizeof *m);
+  moe_region *m = (moe_region *)malloc(sizeof *m);
   if (m == NULL) {
     munmap(p, map_len);
     napi_throw_error(env, "ENOMEM", "mmap: out of memory");
     goto done;
   }
-  m->base = p;
-  m->len = map_len;
-  pthread_mutex_lock(&live_mu);
-  m->next = live;
-  live = m;
-  pthread_mutex_unlock(&live_mu);
+  *m = (moe_region){p, map_len, 1, NULL};
+  moe_region_add(m);
   if (napi_create_external_arraybuffer(env, (char *)p + skip, (size_t)length, finalize_mapping, m, &result) != napi_ok) {
     // The mapping now belongs to Node: on failure it calls the finalizer itself (node::Buffer::New does so when the
     // length exceeds its limit), so freeing it here would free it twice. Node 20 refuses more than 4 GiB in one

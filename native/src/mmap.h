@@ -17,6 +17,22 @@
  */
 napi_value moe_napi_mmap(napi_env env, napi_callback_info info);
 
+/**
+ * Memory the addon hands to JavaScript and frees itself when collected: the file mappings above, and the weight
+ * copies of addon.c's repack. A region is registered while it lives; moe_region_remove (before freeing it) also
+ * stops the pool's reading ahead (kernels.h moe_pool_prefetch_cancel), so only registered memory may be posted there.
+ */
+typedef struct moe_region {
+  void *base;
+  size_t len;
+  int file; // a file mapping (moe_mmap_contains / moe_mmap_release see only these)
+  struct moe_region *next;
+} moe_region;
+void moe_region_add(moe_region *r);
+void moe_region_remove(moe_region *r);
+/** Whether [p, p + len) lies inside one registered region. */
+int moe_region_contains(const void *p, size_t len);
+
 /** Whether [p, p + len) lies inside one live mapping made by moe_napi_mmap (bytes of a model file). */
 int moe_mmap_contains(const void *p, size_t len);
 
