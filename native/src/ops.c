@@ -178,6 +178,9 @@ void moe_silu_mul_generic(float *g, const float *u, int n) {
 // Attention scores and weighted sums for kernel sets without their own: the set in use's dot() and axpy() per key and
 // head (the kernel set is chosen before any attention runs, so moe_fk() is the set these entries belong to). An f16
 // key or value row is converted first (exactly: every f16 is an f32).
+static void *scratch(int slot, size_t bytes);
+#define S_KV 8 // scratch slot (below) of the row converted from f16
+
 static const float *kv_row(const void *base, int f16, size_t at, int n, float *tmp) {
   if (!f16) return (const float *)base + at;
   const uint16_t *h = (const uint16_t *)base + at;
@@ -188,26 +191,24 @@ static const float *kv_row(const void *base, int f16, size_t at, int n, float *t
 void moe_scores_generic(const float *q, int G, int hd, const void *k, int kf16, size_t kstride, int L, float scale,
                         float *sc, size_t ldsc) {
   const moe_fkern *K = moe_fk();
-  float *tmp = kf16 ? malloc((size_t)hd * sizeof(float)) : NULL;
+  float *tmp = kf16 ? scratch(S_KV, (size_t)hd * sizeof(float)) : NULL;
   if (kf16 && !tmp) abort();
   for (int j = 0; j < L; j++) {
     const float *kj = kv_row(k, kf16, (size_t)j * kstride, hd, tmp);
     for (int g = 0; g < G; g++) sc[(size_t)g * ldsc + j] = K->dot(q + (size_t)g * hd, kj, hd) * scale;
   }
-  free(tmp);
 }
 
 void moe_weighted_sum_generic(const float *p, size_t ldp, int G, int hd, const void *v, int vf16, size_t vstride, int L,
                               float *out) {
   const moe_fkern *K = moe_fk();
-  float *tmp = vf16 ? malloc((size_t)hd * sizeof(float)) : NULL;
+  float *tmp = vf16 ? scratch(S_KV, (size_t)hd * sizeof(float)) : NULL;
   if (vf16 && !tmp) abort();
   memset(out, 0, (size_t)G * hd * sizeof(float));
   for (int j = 0; j < L; j++) {
     const float *vj = kv_row(v, vf16, (size_t)j * vstride, hd, tmp);
     for (int g = 0; g < G; g++) K->axpy(out + (size_t)g * hd, p[(size_t)g * ldp + j], vj, hd);
   }
-  free(tmp);
 }
 
 void moe_to_f16_generic(const float *x, uint16_t *out, size_t n) {
@@ -250,7 +251,7 @@ int moe_fk_select(const char *name) {
 // Scratch memory: grow-only buffers per thread (the pool's threads are persistent, so these are reused across calls
 // instead of page-faulting fresh allocations on every matmul).
 // ---------------------------------------------------------------------------------------------------------------
-#define NSCRATCH 8
+#define NSCRATCH 9
 static _Thread_local void *scratch_p[NSCRATCH];
 static _Thread_local size_t scratch_n[NSCRATCH];
 
@@ -263,7 +264,8 @@ static void *scratch(int slot, size_t bytes) {
   }
   return scratch_p[slot];
 }
-// Slots: S_ATT per thread (attention scores, rope tables); the others hold one op's buffers on the calling thread.
+// Slots: S_ATT per thread (attention scores, rope tables), S_KV (8, above) per thread (an f16 key/value row as f32);
+// the others hold one op's buffers on the calling thread.
 enum { S_ATT = 0, S_ACT = 1, S_G = 2, S_U = 3, S_H = 4, S_D = 5, S_MISC = 6, S_DOUT = 7 };
 
 // ---------------------------------------------------------------------------------------------------------------
