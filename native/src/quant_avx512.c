@@ -326,13 +326,13 @@ static int gemm32(int wtype, int n, const uint8_t *w, size_t wrb, const uint8_t 
     astride = suffix;
   }
   if (wtype == MOE_Q4_0_RP && nb % 16) return 0; // repacked rows are whole groups (moe_repack_type)
+  if (R <= 2) return gemv(wtype, R, w, wrb, nb, ax, astride, j0, j1, out, ldo);
   tile_fn fn = wtype == MOE_Q4_0   ? tile_q4_0
                : wtype == MOE_Q4_0_RP ? tile_q4_0_rp
                : wtype == MOE_Q4_1 ? tile_q4_1
                : wtype == MOE_Q5_0 ? tile_q5_0
                : wtype == MOE_Q5_1 ? tile_q5_1
                                    : tile_q8_0;
-  if (R <= 2) return gemv(wtype, R, w, wrb, nb, ax, astride, j0, j1, out, ldo);
   run_tiles(fn, W32, w, wrb, nb, ax, astride, R, j0, j1, out, ldo);
   return 1;
 }
@@ -595,12 +595,12 @@ static int gemmK(int wtype, int n, const uint8_t *w, size_t wrb, const uint8_t *
     ax = buf;
     astride = suffix;
   }
+  if (R <= 2) return gemv(wtype, R, w, wrb, nsb, ax, astride, j0, j1, out, ldo);
   tile_fn fn = wtype == MOE_Q2_K   ? tile_q2_K
                : wtype == MOE_Q3_K ? tile_q3_K
                : wtype == MOE_Q4_K ? tile_q4_K
                : wtype == MOE_Q5_K ? tile_q5_K
                                    : tile_q6_K;
-  if (R <= 2) return gemv(wtype, R, w, wrb, nsb, ax, astride, j0, j1, out, ldo);
   run_tiles(fn, MAXW, w, wrb, nsb, ax, astride, R, j0, j1, out, ldo);
   return 1;
 }
